@@ -1,0 +1,139 @@
+// Bindings of the parallel token-commit family (csrc/sampling): validate the tensors, fill
+// llada::CommitTokensParams, pick the stream and call the CPU or CUDA kernel.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <tuple>
+
+#include "llada/sampling.h"
+
+#ifdef LLADA_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace {
+
+using at::Tensor;
+
+llada::DType logits_dtype(const Tensor& logits) {
+  switch (logits.scalar_type()) {
+    case at::kFloat: return llada::DType::kFloat32;
+    case at::kBFloat16: return llada::DType::kBFloat16;
+    case at::kHalf: return llada::DType::kFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, "commit_tokens: logits must be float32, bfloat16 or float16, got ",
+                       logits.scalar_type());
+  }
+}
+
+llada::CommitTokensParams make_params(const Tensor& tokens, const Tensor& logits, const Tensor& min_commit,
+                                      int64_t mask_id, double threshold, double temperature, int64_t top_k,
+                                      double top_p, int64_t seed, int64_t offset) {
+  TORCH_CHECK_TYPE(tokens.scalar_type() == at::kLong, "commit_tokens: tokens must be int64, got ",
+                   tokens.scalar_type());
+  TORCH_CHECK_TYPE(min_commit.scalar_type() == at::kInt, "commit_tokens: min_commit must be int32, got ",
+                   min_commit.scalar_type());
+  TORCH_CHECK_VALUE(tokens.dim() == 2, "commit_tokens: tokens must be [B, L], got shape ", tokens.sizes());
+  TORCH_CHECK_VALUE(logits.dim() == 3, "commit_tokens: logits must be [B, L, V], got shape ", logits.sizes());
+  const int64_t B = tokens.size(0), L = tokens.size(1), V = logits.size(2);
+  TORCH_CHECK_VALUE(logits.size(0) == B && logits.size(1) == L, "commit_tokens: logits shape ",
+                    logits.sizes(), " does not match tokens shape ", tokens.sizes());
+  TORCH_CHECK_VALUE(V >= 1, "commit_tokens: logits must have a vocabulary of at least 1, got V = ", V);
+  TORCH_CHECK_VALUE(min_commit.dim() == 1 && min_commit.size(0) == B,
+                    "commit_tokens: min_commit must be [B] = [", B, "], got shape ", min_commit.sizes());
+  TORCH_CHECK_VALUE(tokens.device() == logits.device() && min_commit.device() == logits.device(),
+                    "commit_tokens: tokens, logits and min_commit must be on one device, got ", tokens.device(),
+                    ", ", logits.device(), ", ", min_commit.device());
+  TORCH_CHECK_VALUE(tokens.is_contiguous(), "commit_tokens: tokens must be contiguous");
+  TORCH_CHECK_VALUE(logits.is_contiguous(), "commit_tokens: logits must be contiguous");
+  TORCH_CHECK_VALUE(min_commit.is_contiguous(), "commit_tokens: min_commit must be contiguous");
+  TORCH_CHECK_VALUE(mask_id >= 0 && mask_id < V, "commit_tokens: mask_id must be in [0, V) = [0, ", V,
+                    "), got ", mask_id);
+  TORCH_CHECK_VALUE(threshold >= 0.0 && threshold <= 1.0, "commit_tokens: threshold must be in [0, 1], got ",
+                    threshold);
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature >= 0.0,
+                    "commit_tokens: temperature must be finite and >= 0, got ", temperature);
+  TORCH_CHECK_VALUE(top_k >= 0, "commit_tokens: top_k must be >= 0, got ", top_k);
+  TORCH_CHECK_VALUE(top_p > 0.0 && top_p <= 1.0, "commit_tokens: top_p must be in (0, 1], got ", top_p);
+
+  llada::CommitTokensParams p;
+  p.tokens = tokens.data_ptr<int64_t>();
+  p.logits = logits.data_ptr();
+  p.logits_dtype = logits_dtype(logits);
+  p.min_commit = min_commit.data_ptr<int32_t>();
+  p.batch = B;
+  p.block = L;
+  p.vocab = V;
+  p.mask_id = mask_id;
+  p.threshold = static_cast<float>(threshold);
+  p.temperature = static_cast<float>(temperature);
+  p.top_k = top_k;
+  p.top_p = static_cast<float>(top_p);
+  p.seed = static_cast<uint64_t>(seed);
+  p.offset = static_cast<uint64_t>(offset);
+  return p;
+}
+
+std::tuple<Tensor, Tensor, Tensor> commit_tokens_inplace(Tensor tokens, const Tensor& logits,
+                                                         const Tensor& min_commit, int64_t mask_id,
+                                                         double threshold, double temperature, int64_t top_k,
+                                                         double top_p, int64_t seed, int64_t offset) {
+  llada::CommitTokensParams p =
+      make_params(tokens, logits, min_commit, mask_id, threshold, temperature, top_k, top_p, seed, offset);
+  Tensor committed = at::empty(tokens.sizes(), tokens.options().dtype(at::kBool));
+  Tensor confidence = at::empty(tokens.sizes(), tokens.options().dtype(at::kFloat));
+  Tensor candidates = at::empty(tokens.sizes(), tokens.options());
+  p.committed = committed.data_ptr<bool>();
+  p.confidence = confidence.data_ptr<float>();
+  p.candidates = candidates.data_ptr<int64_t>();
+
+  if (tokens.is_cpu()) {
+    if (p.batch > 0) {
+      const int32_t min_value = p.batch > 0 ? min_commit.min().item<int32_t>() : 0;
+      TORCH_CHECK_VALUE(min_value >= 0, "commit_tokens: min_commit must be >= 0, got ", min_value);
+    }
+    const llada::Status s = llada::commit_tokens_cpu(p);
+    TORCH_CHECK_VALUE(s != llada::Status::kNanInput,
+                      "commit_tokens: logits contain NaN (or a row with no finite maximum)");
+    TORCH_CHECK(s == llada::Status::kOk, "commit_tokens: ", llada::status_string(s));
+  } else {
+#ifdef LLADA_WITH_CUDA
+    TORCH_CHECK_VALUE(p.vocab < (int64_t{1} << 24), "commit_tokens: logits vocabulary must be below 2^24 on CUDA, got ",
+                      p.vocab);
+    const c10::cuda::CUDAGuard guard(tokens.device());
+    const llada::Status s = llada::commit_tokens_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(s == llada::Status::kOk, "commit_tokens: ", llada::status_string(s));
+#else
+    TORCH_CHECK(false, "commit_tokens: llada_engine was built without CUDA kernels");
+#endif
+  }
+  return {committed, confidence, candidates};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> commit_tokens(const Tensor& tokens, const Tensor& logits,
+                                                         const Tensor& min_commit, int64_t mask_id,
+                                                         double threshold, double temperature, int64_t top_k,
+                                                         double top_p, int64_t seed, int64_t offset) {
+  TORCH_CHECK_TYPE(tokens.scalar_type() == at::kLong, "commit_tokens: tokens must be int64, got ",
+                   tokens.scalar_type());
+  Tensor out = tokens.contiguous().clone();
+  auto [committed, confidence, candidates] = commit_tokens_inplace(out, logits, min_commit, mask_id, threshold,
+                                                                   temperature, top_k, top_p, seed, offset);
+  return {out, committed, confidence, candidates};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(llada, CPU, m) {
+  m.impl("commit_tokens", &commit_tokens);
+  m.impl("commit_tokens_", &commit_tokens_inplace);
+}
+
+#ifdef LLADA_WITH_CUDA
+TORCH_LIBRARY_IMPL(llada, CUDA, m) {
+  m.impl("commit_tokens", &commit_tokens);
+  m.impl("commit_tokens_", &commit_tokens_inplace);
+}
+#endif

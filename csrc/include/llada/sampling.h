@@ -1,0 +1,53 @@
+// Parallel token commit (DESIGN.md §3.3): the torch-free interface of the `commit_tokens` op family.
+//
+// One call looks at the current block of every sequence in a batch: for each position it proposes a
+// token x0 from the logits (greedy, or sampled after temperature / top-k / top-p) with its
+// confidence, then commits, per sequence, every masked position whose confidence exceeds the
+// threshold, or the `min_commit[b]` most confident masked positions when fewer pass.
+//
+// Shapes: B sequences, L positions in the block, V vocabulary.
+#pragma once
+
+#include <cstdint>
+
+#include "llada/dtype.h"
+#include "llada/status.h"
+
+#ifdef LLADA_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+namespace llada {
+
+struct CommitTokensParams {
+  int64_t* tokens = nullptr;            // [B, L] in/out; positions equal to mask_id are undecided
+  const void* logits = nullptr;         // [B, L, V] contiguous, of logits_dtype
+  DType logits_dtype = DType::kFloat32;
+  const int32_t* min_commit = nullptr;  // [B]
+  bool* committed = nullptr;            // [B, L] out: position committed by this call
+  float* confidence = nullptr;          // [B, L] out: confidence of x0, -inf where not masked
+  int64_t* candidates = nullptr;        // [B, L] out: proposed token x0 at every position
+
+  int64_t batch = 0;                    // B
+  int64_t block = 0;                    // L
+  int64_t vocab = 0;                    // V
+  int64_t mask_id = 0;
+  float threshold = 0.95f;
+  float temperature = 0.0f;             // 0: greedy
+  int64_t top_k = 0;                    // 0: off
+  float top_p = 1.0f;                   // 1: off
+  uint64_t seed = 0;                    // Philox key
+  uint64_t offset = 0;                  // Philox counter offset
+};
+
+// C++ CPU kernel (OpenMP over rows). Returns kNanInput if a row of logits holds a NaN; the outputs
+// are then unspecified and `tokens` is left unchanged.
+Status commit_tokens_cpu(const CommitTokensParams& p);
+
+#ifdef LLADA_WITH_CUDA
+// CUDA kernels, asynchronous on `stream`, no host synchronisation, capturable in a CUDA graph.
+// A row of logits holding a NaN gets a NaN confidence at its masked positions and is never committed.
+Status commit_tokens_cuda(const CommitTokensParams& p, cudaStream_t stream);
+#endif
+
+}  // namespace llada

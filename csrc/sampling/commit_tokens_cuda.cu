@@ -1,0 +1,368 @@
+// CUDA kernels of `commit_tokens` (DESIGN.md §3.3). Asynchronous, no host synchronisation, no
+// allocation, so a decoding step that calls them can be captured in a CUDA graph.
+//
+// Two launches on the caller's stream:
+//   1. propose: one thread block per row of logits (B*L rows), writing candidates[row] and
+//      confidence[row]. Greedy rows take one pass over V with 16-byte loads and an online
+//      max / sum-exp / argmax reduced through warp shuffles. Sampled rows take a few passes (the row
+//      stays in L2): max, radix select of the top-k cut, radix select of the top-p cut on
+//      fixed-point masses, then an inverse-CDF draw in vocabulary order, all in integer arithmetic
+//      where a decision is made, so that the draw does not depend on the block size or on timing.
+//   2. commit: one thread block per sequence applies the shared commit rule (sampling/commit_rule.h).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cub/block/block_reduce.cuh>
+#include <cub/block/block_scan.cuh>
+
+#include "common/cuda_check.h"
+#include "common/float_bits.h"
+#include "common/philox.h"
+#include "llada/sampling.h"
+#include "sampling/commit_rule.h"
+
+namespace llada {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr float kLog2e = 1.44269504088896341f;
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+
+// Online softmax state of a slice of a row: running max, sum of exp(x - max), first argmax, NaN seen.
+struct SoftmaxState {
+  float max;
+  float sum;
+  int32_t arg;
+  int32_t nan;
+};
+
+__device__ __forceinline__ SoftmaxState state_empty() {
+  return SoftmaxState{-INFINITY, 0.0f, INT32_MAX, 0};
+}
+
+__device__ __forceinline__ void state_push(SoftmaxState& s, float x, int32_t i) {
+  if (x > s.max) {
+    s.sum = s.sum * exp2f((s.max - x) * kLog2e) + 1.0f;
+    s.max = x;
+    s.arg = i;
+  } else if (s.max != -INFINITY) {
+    s.sum += exp2f((x - s.max) * kLog2e);
+  }
+  s.nan |= (x != x);
+}
+
+__device__ __forceinline__ SoftmaxState state_merge(SoftmaxState a, SoftmaxState b) {
+  SoftmaxState r;
+  r.max = fmaxf(a.max, b.max);
+  const float wa = a.max == -INFINITY ? 0.0f : exp2f((a.max - r.max) * kLog2e);
+  const float wb = b.max == -INFINITY ? 0.0f : exp2f((b.max - r.max) * kLog2e);
+  r.sum = a.sum * wa + b.sum * wb;
+  if (a.max > b.max) r.arg = a.arg;
+  else if (b.max > a.max) r.arg = b.arg;
+  else r.arg = min(a.arg, b.arg);
+  r.nan = a.nan | b.nan;
+  return r;
+}
+
+__device__ SoftmaxState block_merge(SoftmaxState s, SoftmaxState* smem) {
+  for (int off = 16; off > 0; off >>= 1) {
+    SoftmaxState o;
+    o.max = __shfl_xor_sync(0xffffffffu, s.max, off);
+    o.sum = __shfl_xor_sync(0xffffffffu, s.sum, off);
+    o.arg = __shfl_xor_sync(0xffffffffu, s.arg, off);
+    o.nan = __shfl_xor_sync(0xffffffffu, s.nan, off);
+    s = state_merge(s, o);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) smem[warp] = s;
+  __syncthreads();
+  if (warp == 0) {
+    s = lane < kWarps ? smem[lane] : state_empty();
+    for (int off = 16; off > 0; off >>= 1) {
+      SoftmaxState o;
+      o.max = __shfl_xor_sync(0xffffffffu, s.max, off);
+      o.sum = __shfl_xor_sync(0xffffffffu, s.sum, off);
+      o.arg = __shfl_xor_sync(0xffffffffu, s.arg, off);
+      o.nan = __shfl_xor_sync(0xffffffffu, s.nan, off);
+      s = state_merge(s, o);
+    }
+    if (lane == 0) smem[0] = s;
+  }
+  __syncthreads();
+  s = smem[0];
+  __syncthreads();
+  return s;
+}
+
+// Calls f(x, index) for every element of a row once, 16-byte vector loads for the aligned body.
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_in_row(const T* row, int32_t V, F&& f) {
+  constexpr int kVec = 16 / sizeof(T);
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(row);
+  int32_t head = static_cast<int32_t>(((16 - addr % 16) % 16) / sizeof(T));
+  head = head < V ? head : V;
+  for (int32_t i = threadIdx.x; i < head; i += kThreads) f(to_float(row[i]), i);
+  const int32_t n_vec = (V - head) / kVec;
+  const uint4* body = reinterpret_cast<const uint4*>(row + head);
+  for (int32_t v = threadIdx.x; v < n_vec; v += kThreads) {
+    const uint4 raw = body[v];
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) f(to_float(e[j]), head + v * kVec + j);
+  }
+  for (int32_t i = head + n_vec * kVec + threadIdx.x; i < V; i += kThreads) f(to_float(row[i]), i);
+}
+
+__device__ __forceinline__ void write_row(const CommitTokensParams& p, int64_t row, int64_t token,
+                                          float confidence) {
+  p.candidates[row] = token;
+  p.confidence[row] = p.tokens[row] == p.mask_id ? confidence : -INFINITY;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) propose_greedy_kernel(CommitTokensParams p) {
+  __shared__ SoftmaxState smem[kWarps];
+  const int64_t row = blockIdx.x;
+  const int32_t V = static_cast<int32_t>(p.vocab);
+  const T* logits = static_cast<const T*>(p.logits) + row * p.vocab;
+  SoftmaxState s = state_empty();
+  for_each_in_row(logits, V, [&](float x, int32_t i) { state_push(s, x, i); });
+  s = block_merge(s, smem);
+  if (threadIdx.x == 0) {
+    const bool invalid = s.nan || !isfinite(s.max);
+    write_row(p, row, invalid ? 0 : s.arg, invalid ? NAN : 1.0f / s.sum);
+  }
+}
+
+// Fixed-point mass of a probability-like weight in [0, 1]; sums over any vocabulary below 2^24
+// entries fit in 64 bits, and integer sums make every decision independent of the summation order.
+__device__ __forceinline__ unsigned long long fixed_mass(float q) {
+  return static_cast<unsigned long long>(q * 4294967296.0f + 0.5f);
+}
+
+template <typename T>
+struct SampledRow {
+  const T* logits;
+  int32_t V;
+  float temperature;
+
+  __device__ __forceinline__ float z(float x) const { return temperature > 0.0f ? x / temperature : x; }
+};
+
+// Radix select over the order keys of z (kept: key >= lower_key). Returns the key of the k-th
+// largest element when `by_mass` is false; when true, the key of the lowest element whose strictly
+// greater kept mass is <= budget.
+template <typename T>
+__device__ uint32_t radix_select(const SampledRow<T>& r, float row_max, uint32_t lower_key, bool by_mass,
+                                 unsigned long long k_or_budget, unsigned long long* hist) {
+  uint32_t prefix = 0, prefix_mask = 0;
+  unsigned long long above = 0;  // count or mass strictly above the current prefix group
+  __shared__ uint32_t chosen_digit;
+  __shared__ unsigned long long chosen_above;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int d = threadIdx.x; d < 256; d += kThreads) hist[d] = 0;
+    __syncthreads();
+    for_each_in_row(r.logits, r.V, [&](float x, int32_t) {
+      const float zx = r.z(x);
+      const uint32_t key = float_order_key(zx);
+      if (key < lower_key || (key & prefix_mask) != prefix) return;
+      const unsigned long long w = by_mass ? fixed_mass(exp2f((zx - row_max) * kLog2e)) : 1ull;
+      atomicAdd(&hist[(key >> shift) & 0xFFu], w);
+    });
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      unsigned long long cum = above;
+      uint32_t digit = 0;
+      unsigned long long digit_above = above;
+      for (int d = 255; d >= 0; --d) {
+        if (hist[d] == 0) continue;
+        if (by_mass) {
+          if (cum > k_or_budget) break;
+          digit = d;
+          digit_above = cum;
+          cum += hist[d];
+        } else {
+          digit = d;
+          digit_above = cum;
+          if (cum + hist[d] >= k_or_budget) break;
+          cum += hist[d];
+        }
+      }
+      chosen_digit = digit;
+      chosen_above = digit_above;
+    }
+    __syncthreads();
+    prefix |= chosen_digit << shift;
+    prefix_mask |= 0xFFu << shift;
+    above = chosen_above;
+    __syncthreads();
+  }
+  return prefix;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) propose_sampled_kernel(CommitTokensParams p) {
+  using Reduce = cub::BlockReduce<unsigned long long, kThreads>;
+  using ReduceF = cub::BlockReduce<float, kThreads>;
+  using Scan = cub::BlockScan<unsigned long long, kThreads>;
+  __shared__ SoftmaxState smem[kWarps];
+  __shared__ unsigned long long hist[256];
+  __shared__ union {
+    typename Reduce::TempStorage reduce;
+    typename ReduceF::TempStorage reduce_f;
+    typename Scan::TempStorage scan;
+  } tmp;
+  __shared__ unsigned long long shared_total;
+  __shared__ float shared_total_f;
+  __shared__ int32_t shared_token;
+
+  const int64_t row = blockIdx.x;
+  const SampledRow<T> r{static_cast<const T*>(p.logits) + row * p.vocab, static_cast<int32_t>(p.vocab),
+                        p.temperature};
+
+  SoftmaxState s = state_empty();
+  for_each_in_row(r.logits, r.V, [&](float x, int32_t i) { state_push(s, r.z(x), i); });
+  s = block_merge(s, smem);
+  if (s.nan || !isfinite(s.max)) {
+    if (threadIdx.x == 0) write_row(p, row, 0, NAN);
+    return;
+  }
+  const float m = s.max;
+
+  uint32_t lower_key = 0;  // kept: order key >= lower_key
+  if (p.top_k > 0 && p.top_k < p.vocab)
+    lower_key = radix_select(r, m, 0u, false, static_cast<unsigned long long>(p.top_k), hist);
+
+  auto kept_mass = [&]() {
+    unsigned long long local = 0;
+    for_each_in_row(r.logits, r.V, [&](float x, int32_t) {
+      const float zx = r.z(x);
+      if (float_order_key(zx) >= lower_key) local += fixed_mass(exp2f((zx - m) * kLog2e));
+    });
+    const unsigned long long total = Reduce(tmp.reduce).Sum(local);
+    if (threadIdx.x == 0) shared_total = total;
+    __syncthreads();
+    return shared_total;
+  };
+
+  if (p.top_p < 1.0f) {
+    const unsigned long long total = kept_mass();
+    const auto budget = static_cast<unsigned long long>(static_cast<double>(p.top_p) * total);
+    lower_key = radix_select(r, m, lower_key, true, budget, hist);
+  }
+
+  float local_f = 0.0f;
+  for_each_in_row(r.logits, r.V, [&](float x, int32_t) {
+    const float zx = r.z(x);
+    if (float_order_key(zx) >= lower_key) local_f += exp2f((zx - m) * kLog2e);
+  });
+  const float total_f = ReduceF(tmp.reduce_f).Sum(local_f);
+  if (threadIdx.x == 0) shared_total_f = total_f;
+  __syncthreads();
+
+  int32_t token = s.arg;
+  if (p.temperature > 0.0f) {
+    const unsigned long long total = kept_mass();
+    const float u = commit_uniform(p.seed, p.offset, static_cast<uint64_t>(row));
+    const auto target = static_cast<unsigned long long>(static_cast<double>(u) * total);
+    // Ordered scan: thread t owns kItems consecutive elements of each tile.
+    constexpr int kItems = 8;
+    if (threadIdx.x == 0) shared_token = -1;
+    unsigned long long running = 0;
+    int32_t last_kept = s.arg;
+    for (int32_t tile = 0; tile < r.V; tile += kThreads * kItems) {
+      const int32_t first = tile + threadIdx.x * kItems;
+      unsigned long long mass[kItems];
+      unsigned long long local = 0;
+#pragma unroll
+      for (int j = 0; j < kItems; ++j) {
+        mass[j] = 0;
+        const int32_t i = first + j;
+        if (i < r.V) {
+          const float zx = r.z(to_float(r.logits[i]));
+          if (float_order_key(zx) >= lower_key) {
+            mass[j] = fixed_mass(exp2f((zx - m) * kLog2e));
+            last_kept = i;
+          }
+        }
+        local += mass[j];
+      }
+      unsigned long long excl, tile_total;
+      Scan(tmp.scan).ExclusiveSum(local, excl, tile_total);
+      const unsigned long long lo = running + excl;
+      if (lo <= target && target < lo + local) {
+        unsigned long long cum = lo;
+        for (int j = 0; j < kItems; ++j) {
+          cum += mass[j];
+          if (mass[j] != 0 && cum > target) {
+            shared_token = first + j;
+            break;
+          }
+        }
+      }
+      running += tile_total;
+      __syncthreads();
+      if (shared_token >= 0) break;
+    }
+    // Rounding can leave the target at or past the total: take the last kept element.
+    if (shared_token < 0) {
+      __shared__ int32_t shared_last;
+      if (threadIdx.x == 0) shared_last = -1;
+      __syncthreads();
+      atomicMax(&shared_last, last_kept);
+      __syncthreads();
+      token = shared_last;
+    } else {
+      token = shared_token;
+    }
+  }
+  if (threadIdx.x == 0) {
+    const float q = exp2f((r.z(to_float(r.logits[token])) - m) * kLog2e);
+    write_row(p, row, token, q / shared_total_f);
+  }
+}
+
+__global__ void commit_kernel(CommitTokensParams p) {
+  const int64_t b = blockIdx.x;
+  const int64_t L = p.block;
+  const float* conf = p.confidence + b * L;
+  const CommitCounts counts = commit_counts(conf, L, p.threshold);
+  for (int64_t i = threadIdx.x; i < L; i += blockDim.x) {
+    const bool commit = commit_decision(conf, L, i, counts, p.min_commit[b], p.threshold);
+    p.committed[b * L + i] = commit;
+    if (commit) p.tokens[b * L + i] = p.candidates[b * L + i];
+  }
+}
+
+template <typename T>
+void launch_propose(const CommitTokensParams& p, bool greedy, cudaStream_t stream) {
+  const unsigned grid = static_cast<unsigned>(p.batch * p.block);
+  if (greedy) propose_greedy_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+  else propose_sampled_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+}
+
+}  // namespace
+
+Status commit_tokens_cuda(const CommitTokensParams& p, cudaStream_t stream) {
+  if (p.batch == 0 || p.block == 0) return Status::kOk;
+  if (p.vocab >= (int64_t{1} << 24)) return Status::kBadArgument;
+  const bool greedy =
+      p.temperature == 0.0f && (p.top_k <= 0 || p.top_k >= p.vocab) && p.top_p >= 1.0f;
+  switch (p.logits_dtype) {
+    case DType::kFloat32: launch_propose<float>(p, greedy, stream); break;
+    case DType::kBFloat16: launch_propose<__nv_bfloat16>(p, greedy, stream); break;
+    case DType::kFloat16: launch_propose<__half>(p, greedy, stream); break;
+  }
+  LLADA_RETURN_IF_CUDA_ERROR(cudaGetLastError());
+  const int threads = p.block >= 1024 ? 1024 : static_cast<int>((p.block + 31) / 32 * 32);
+  commit_kernel<<<static_cast<unsigned>(p.batch), threads, 0, stream>>>(p);
+  LLADA_RETURN_LAUNCH_STATUS();
+}
+
+}  // namespace llada

@@ -1,0 +1,16 @@
+"""llada_engine: kernels and a small engine for LLaDA2.0-style block-diffusion language models.
+
+    import llada_engine
+    llada_engine.build_info()          # what the native extension was built with
+    llada_engine.ops.commit_tokens(...)  # the ops, each with its pure-PyTorch reference beside it
+
+The native kernels are registered as `torch.ops.llada.*` by the extension `llada_engine._C`; the
+package imports without it, and then every op's reference still works.
+"""
+import torch  # noqa: F401  (the extension links against libtorch: torch must be loaded first)
+
+from . import ops
+from ._extension import build_info, kernels_available
+from .version import __version__
+
+__all__ = ["__version__", "build_info", "kernels_available", "ops"]
