@@ -5,6 +5,7 @@
 // (e^-87 ~ 1.6e-38, which is below what a softmax over any vocabulary can resolve).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "common/float_bits.h"
@@ -13,7 +14,7 @@
 namespace llada {
 
 LLADA_HD float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
+  x = std::max(x, -87.0f);
   constexpr float kLog2e = 1.44269504088896341f;
   constexpr float kRound = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
   const float t = x * kLog2e + kRound;

@@ -3,7 +3,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 
 #include "common/host_device.h"
 
@@ -13,9 +12,7 @@ LLADA_HD float bits_to_float(uint32_t u) {
 #if defined(__CUDA_ARCH__)
   return __uint_as_float(u);
 #else
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
+  return __builtin_bit_cast(float, u);
 #endif
 }
 
@@ -23,9 +20,7 @@ LLADA_HD uint32_t float_to_bits(float f) {
 #if defined(__CUDA_ARCH__)
   return __float_as_uint(f);
 #else
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  return u;
+  return __builtin_bit_cast(uint32_t, f);
 #endif
 }
 

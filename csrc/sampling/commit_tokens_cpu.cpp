@@ -16,6 +16,7 @@
 
 #include "common/fast_exp.h"
 #include "common/float_bits.h"
+#include "common/host_device.h"
 #include "common/philox.h"
 #include "llada/sampling.h"
 #include "sampling/commit_rule.h"
@@ -57,7 +58,7 @@ struct RowProposal {
 };
 
 // Greedy: x0 = first argmax, confidence = softmax(row)[x0] = 1 / sum exp(row - max).
-RowProposal propose_greedy(const void* row, DType dtype, int64_t V) {
+LLADA_CPU_MULTIVERSION RowProposal propose_greedy(const void* row, DType dtype, int64_t V) {
   alignas(64) float buf[kChunk];
   float m = kNegInf;
   int64_t arg = 0;

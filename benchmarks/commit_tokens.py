@@ -1,0 +1,57 @@
+"""Benchmark of commit_tokens: ours against the composed-torch reference, greedy and sampled.
+
+    python -m benchmarks.commit_tokens [--device cpu|cuda] [--quick]
+
+Shapes [B, 32, 157184] (LLaDA2.0 vocabulary), B in {1, 16}, fp32 and bf16 logits, every position masked.
+The op reads the logits once, so GB/s counts the logits bytes; the fraction is of the copy bandwidth
+measured in the same run. The last line printed is JSON.
+"""
+import argparse
+
+import torch
+
+from benchmarks.timer import peak_bandwidth, print_json, print_table, time_fn
+from llada_engine.ops import commit_tokens, commit_tokens_ref
+
+VOCAB = 157184
+BLOCK = 32
+
+
+def bench_case(device, batch, vocab, dtype, sampling, repeats):
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(batch, BLOCK, vocab, generator=g) * 3).to(dtype).to(device)
+    tokens = torch.full((batch, BLOCK), vocab - 1, device=device)
+    kw = dict(mask_id=vocab - 1, threshold=0.95, min_commit=1, **sampling)
+    ours = time_fn(lambda: commit_tokens(tokens, logits, **kw), device=device, repeats=repeats)
+    ref = time_fn(lambda: commit_tokens_ref(tokens, logits, **kw), device=device, repeats=max(3, repeats // 3))
+    return ours, ref, logits.numel() * logits.element_size()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="small vocabulary, few repeats (a smoke run)")
+    args = parser.parse_args(argv)
+
+    vocab = 8192 if args.quick else VOCAB
+    repeats = 3 if args.quick else 10
+    bandwidth = peak_bandwidth(args.device, nbytes=(1 << 24) if args.quick else None)
+    cases = [(b, dt, "greedy", {}) for b in (1, 16) for dt in (torch.float32, torch.bfloat16)]
+    cases.append((1, torch.bfloat16, "t0.8,k50,p0.9", dict(temperature=0.8, top_k=50, top_p=0.9)))
+    rows = []
+    for batch, dtype, name, sampling in cases:
+        ours, ref, nbytes = bench_case(args.device, batch, vocab, dtype, sampling, repeats)
+        rows.append({
+            "shape": f"[{batch},{BLOCK},{vocab}]", "dtype": str(dtype).replace("torch.", ""), "mode": name,
+            "ours_ms": ours * 1e3, "ref_ms": ref * 1e3, "speedup": ref / ours,
+            "GB/s": nbytes / ours / 1e9, "frac_peak_bw": nbytes / ours / bandwidth,
+        })
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu x{torch.get_num_threads()}"
+    print(f"commit_tokens on {device_name}; measured copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+    print_table(rows)
+    print_json({"benchmark": "commit_tokens", "device": device_name, "peak_bandwidth_GBps": bandwidth / 1e9,
+                "quick": args.quick, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

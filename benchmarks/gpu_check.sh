@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The whole GPU check in one run, for a GPU machine without network (H100/H200, torch with CUDA, nvcc):
+# build the CUDA extension, run the GPU tests (then compute-sanitizer memcheck and racecheck on small
+# cases), run every benchmark on the GPU, and print a short table last. Logs and JSON go to OUT_DIR.
+#
+#   bash benchmarks/gpu_check.sh OUT_DIR              # on the GPU machine (under 8 minutes on an H100)
+#   bash benchmarks/gpu_check.sh --dry-run OUT_DIR    # anywhere: no build, CPU, quick benchmarks (CI runs it)
+#
+# Environment: PYTHON (default: python3), LLADA_CUDA_ARCHS (default 90a), MAX_JOBS (default 16),
+# LLADA_WHEELS (default .whl: where an nvidia-cutlass wheel is taken from when the package is missing).
+set -uo pipefail
+
+dry_run=0
+if [[ "${1:-}" == "--dry-run" ]]; then dry_run=1; shift; fi
+out=${1:?usage: gpu_check.sh [--dry-run] OUT_DIR}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+failures=0
+
+step() {  # step NAME TIMEOUT_S COMMAND...: runs COMMAND with a time limit, logs it, records failure
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  echo "== $name"
+  timeout "$limit" "$@" >"$out/$name.log" 2>&1
+  local rc=$?
+  echo "   rc=$rc in $((SECONDS - start)) s (log: $out/$name.log)"
+  tail -n 3 "$out/$name.log" | sed 's/^/   | /'
+  if [[ $rc -ne 0 ]]; then failures=$((failures + 1)); fi
+  return 0
+}
+
+benchmarks=(commit_tokens)
+if [[ $dry_run -eq 1 ]]; then
+  step gpu-tests 600 "$PYTHON" -m pytest -q -m gpu tests
+  for b in "${benchmarks[@]}"; do step "bench-$b" 300 "$PYTHON" -m "benchmarks.$b" --device cpu --quick; done
+else
+  if ! "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('cutlass_library') is None)"; then
+    wheels=${LLADA_WHEELS:-.whl}
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --target "$out/site" "$wheels"/nvidia_cutlass-*.whl \
+      || { echo "nvidia-cutlass is missing and no wheel was found in $wheels"; exit 1; }
+    export PYTHONPATH="$out/site${PYTHONPATH:+:$PYTHONPATH}"
+  fi
+  export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16} LLADA_CUDA_ARCHS=${LLADA_CUDA_ARCHS:-90a}
+  step build 420 "$PYTHON" setup.py build_ext --inplace
+  "$PYTHON" -c "import torch, llada_engine; print(llada_engine.build_info())" | tee "$out/build_info.txt"
+  step gpu-tests 300 "$PYTHON" -m pytest -q -m gpu tests
+  step memcheck 240 compute-sanitizer --tool memcheck --error-exitcode 1 \
+    "$PYTHON" -m pytest -q -m gpu -x tests/ops/test_commit_tokens.py -k "greedy or sampling_matches"
+  step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 1 \
+    "$PYTHON" -m pytest -q -m gpu -x tests/ops/test_commit_tokens.py -k "inplace_equals_functional"
+  for b in "${benchmarks[@]}"; do step "bench-$b" 240 "$PYTHON" -m "benchmarks.$b" --device cuda; done
+fi
+
+for b in "${benchmarks[@]}"; do
+  [[ -f "$out/bench-$b.log" ]] && tail -n 1 "$out/bench-$b.log" >"$out/$b.json"
+done
+"$PYTHON" -m benchmarks.summarize "$out"
+echo "gpu_check: $failures step(s) failed"
+exit $((failures > 0))
