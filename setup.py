@@ -124,7 +124,7 @@ def extension():
         define_macros=[("LLADA_WITH_CUDA", None)] if WITH_CUDA else [],
         extra_objects=[str(CORE_LIB)],
         depends=[str(CORE_LIB)],
-        extra_compile_args={"cxx": ["-O3", "-g0", "-std=c++17"]},
+        extra_compile_args={"cxx": ["-O3", "-g0"]},
         extra_link_args=["-fopenmp", "-g0"],
     )
 
