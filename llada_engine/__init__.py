@@ -3,6 +3,8 @@
     import llada_engine
     llada_engine.build_info()          # what the native extension was built with
     llada_engine.ops.commit_tokens(...)  # the ops, each with its pure-PyTorch reference beside it
+    model = llada_engine.load_model(path)                  # an official LLaDA2.0 checkpoint
+    llada_engine.generate(model, prompt_ids).sequences     # block-diffusion decoding with a KV cache
 
 The native kernels are registered as `torch.ops.llada.*` by the extension `llada_engine._C`; the
 package imports without it, and then every op's reference still works.
@@ -11,6 +13,9 @@ import torch  # noqa: F401  (the extension links against libtorch: torch must be
 
 from . import ops
 from ._extension import build_info, kernels_available
+from .decoding import GenerateOutput, generate
+from .model import LLaDA2Config, LLaDA2Model, load_model, load_tokenizer
 from .version import __version__
 
-__all__ = ["__version__", "build_info", "kernels_available", "ops"]
+__all__ = ["GenerateOutput", "LLaDA2Config", "LLaDA2Model", "__version__", "build_info", "generate",
+           "kernels_available", "load_model", "load_tokenizer", "ops"]

@@ -1,9 +1,11 @@
 """The `llada-engine` command line.
 
-    llada-engine info      what the native extension was built with and what this machine offers
+    llada-engine info                          what the native extension was built with, what this machine has
+    llada-engine generate --model DIR PROMPT   block-diffusion generation, streamed, with a stats line last
 """
 import argparse
 import sys
+from pathlib import Path
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -17,11 +19,82 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        lines = Path(args.prompts_file).read_text().splitlines()
+        prompts += [line for line in lines if line.strip()]
+    if not prompts:
+        raise SystemExit("llada-engine generate: give a prompt, or --prompts-file with one prompt per line")
+    return prompts
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+
+    import llada_engine
+    from llada_engine.decoding.chat import chat_prompt
+
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    model = llada_engine.load_model(args.model, dtype=dtype, device=args.device, backend=args.backend)
+    tokenizer = llada_engine.load_tokenizer(args.model)
+    texts = _read_prompts(args)
+    if args.chat:
+        texts = [chat_prompt(t, args.model) for t in texts]
+    prompts = [tokenizer.encode(t).ids for t in texts]
+
+    single = len(prompts) == 1
+    produced = [[] for _ in prompts]
+    shown = [""]
+
+    def stream(index: int, tokens: list) -> None:
+        produced[index] += tokens
+        if single:
+            text = tokenizer.decode(produced[index], skip_special_tokens=True)
+            print(text[len(shown[0]):], end="", flush=True)
+            shown[0] = text
+
+    out = llada_engine.generate(
+        model, prompts, gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
+        threshold=args.threshold, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+        eos_early_stop=args.eos_early_stop, use_cache=not args.no_cache, seed=args.seed, stream=stream)
+    if single:
+        print()
+    else:
+        for i, tokens in enumerate(out.sequences):
+            print(f"=== {i}: {texts[i]}")
+            print(tokenizer.decode(tokens, skip_special_tokens=True))
+    print(f"[{out.stats}]", file=sys.stderr if args.quiet_stats else sys.stdout)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llada-engine", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
+
     info = commands.add_parser("info", help="print build and runtime information")
     info.set_defaults(run=_info)
+
+    gen = commands.add_parser("generate", help="generate text from a LLaDA2.0 checkpoint")
+    gen.add_argument("prompt", nargs="*", help="prompt text (several prompts are decoded as one batch)")
+    gen.add_argument("--model", required=True, help="checkpoint folder (config.json, safetensors, tokenizer.json)")
+    gen.add_argument("--prompts-file", help="a file with one prompt per line")
+    gen.add_argument("--chat", action="store_true", help="wrap each prompt in the checkpoint's chat format")
+    gen.add_argument("--gen-length", type=int, default=256)
+    gen.add_argument("--block-length", type=int, default=32)
+    gen.add_argument("--steps", type=int, default=32)
+    gen.add_argument("--threshold", type=float, default=0.95)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--eos-early-stop", action="store_true")
+    gen.add_argument("--no-cache", action="store_true", help="recompute the whole prefix at every step")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    gen.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
+    gen.add_argument("--backend", choices=["kernels", "reference"], default="kernels")
+    gen.add_argument("--quiet-stats", action="store_true", help="print the stats line to stderr")
+    gen.set_defaults(run=_generate)
     return parser
 
 
