@@ -15,4 +15,20 @@ TORCH_LIBRARY(llada, m) {
       "commit_tokens_(Tensor(a!) tokens, Tensor logits, Tensor min_commit, *, int mask_id, float threshold, "
       "float temperature, int top_k, float top_p, int seed, int offset) "
       "-> (Tensor committed, Tensor confidence, Tensor candidates)");
+  // LLaDA2 gate: sigmoid scores, group-limited top-k on scores + expert_bias, normalised unbiased weights.
+  m.def(
+      "moe_route(Tensor router_logits, Tensor? expert_bias, *, int top_k, int n_group, int topk_group, "
+      "float routed_scaling_factor, bool norm_topk_prob=True) -> (Tensor topk_ids, Tensor topk_weights)");
+  // Copies the rows of x into expert order (stable in token, slot): x_sorted, offsets [E + 1], inverse [T * k].
+  m.def("moe_permute(Tensor x, Tensor topk_ids, int num_experts) -> (Tensor x_sorted, Tensor offsets, Tensor inverse)");
+  // out[t] = sum_s topk_weights[t, s] * y[inverse[t * k + s]].
+  m.def("moe_unpermute(Tensor y, Tensor inverse, Tensor topk_weights) -> Tensor");
+  // Backward of moe_unpermute: the gradients of y and of topk_weights.
+  m.def(
+      "moe_unpermute_backward(Tensor grad_out, Tensor y, Tensor inverse, Tensor topk_weights) "
+      "-> (Tensor grad_y, Tensor grad_topk_weights)");
+  // out[rows of g] = a[rows of g] @ b[g]^T, rows of g = offsets[g]:offsets[g + 1]; b [E, N, K].
+  m.def("moe_grouped_gemm(Tensor a, Tensor b, Tensor offsets) -> Tensor");
+  // Weight gradient of moe_grouped_gemm: grad_b[g] = grad_out[rows of g]^T @ a[rows of g], [E, N, K].
+  m.def("moe_grouped_gemm_wgrad(Tensor grad_out, Tensor a, Tensor offsets) -> Tensor");
 }

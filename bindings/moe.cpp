@@ -1,0 +1,272 @@
+// Bindings of the mixture-of-experts family (csrc/moe): validate the tensors, fill the llada::Moe*
+// and GroupedGemm* params and call the CPU kernels. Offsets and ids are read on the CPU only.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <tuple>
+
+#include "llada/moe.h"
+
+namespace {
+
+using at::Tensor;
+
+llada::DType element_dtype(const Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return llada::DType::kFloat32;
+    case at::kBFloat16: return llada::DType::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, op, ": ", name, " must be float32 or bfloat16 on the CPU, got ", t.scalar_type());
+  }
+}
+
+void check_int32(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, op, ": ", name, " must be int32, got ", t.scalar_type());
+}
+
+void check_same_device(const Tensor& a, const Tensor& b, const char* op, const char* name_a, const char* name_b) {
+  TORCH_CHECK_VALUE(a.device() == b.device(), op, ": ", name_a, " and ", name_b, " must be on one device, got ",
+                    a.device(), " and ", b.device());
+}
+
+void check_status(llada::Status s, const char* op, const char* what) {
+  TORCH_CHECK_VALUE(s != llada::Status::kBadArgument, op, ": ", what);
+  TORCH_CHECK(s == llada::Status::kOk, op, ": ", llada::status_string(s));
+}
+
+// offsets int32 [E + 1]: 0 at the start, non-decreasing, `m` at the end (read on the CPU).
+void check_offsets(const Tensor& offsets, int64_t groups, int64_t m, const char* op) {
+  check_int32(offsets, op, "offsets");
+  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) == groups + 1, op, ": offsets must be [E + 1] = [",
+                    groups + 1, "], got shape ", offsets.sizes());
+  const Tensor o = offsets.cpu();
+  const int32_t* v = o.data_ptr<int32_t>();
+  TORCH_CHECK_VALUE(v[0] == 0, op, ": offsets must start at 0, got ", v[0]);
+  for (int64_t g = 0; g < groups; ++g)
+    TORCH_CHECK_VALUE(v[g + 1] >= v[g], op, ": offsets must be non-decreasing, got offsets[", g, "] = ", v[g],
+                      " > offsets[", g + 1, "] = ", v[g + 1]);
+  TORCH_CHECK_VALUE(v[groups] == m, op, ": offsets must end at M = ", m, " (the rows of the input), got ", v[groups]);
+}
+
+std::tuple<Tensor, Tensor> moe_route(const Tensor& router_logits, const std::optional<Tensor>& expert_bias,
+                                     int64_t top_k, int64_t n_group, int64_t topk_group,
+                                     double routed_scaling_factor, bool norm_topk_prob) {
+  constexpr const char* op = "moe_route";
+  TORCH_CHECK_VALUE(router_logits.dim() == 2, op, ": router_logits must be [T, E], got shape ", router_logits.sizes());
+  const int64_t T = router_logits.size(0), E = router_logits.size(1);
+  llada::MoeRouteParams p;
+  switch (router_logits.scalar_type()) {
+    case at::kFloat: p.logits_dtype = llada::DType::kFloat32; break;
+    case at::kBFloat16: p.logits_dtype = llada::DType::kBFloat16; break;
+    case at::kHalf: p.logits_dtype = llada::DType::kFloat16; break;
+    default:
+      TORCH_CHECK_TYPE(false, op, ": router_logits must be float32, bfloat16 or float16, got ",
+                       router_logits.scalar_type());
+  }
+  TORCH_CHECK_VALUE(E >= 1, op, ": router_logits must have at least one expert, got E = ", E);
+  TORCH_CHECK_VALUE(n_group >= 1 && E % n_group == 0, op, ": n_group must divide the number of experts E = ", E,
+                    ", got ", n_group);
+  TORCH_CHECK_VALUE(topk_group >= 1 && topk_group <= n_group, op, ": topk_group must be in [1, n_group] = [1, ",
+                    n_group, "], got ", topk_group);
+  TORCH_CHECK_VALUE(top_k >= 1 && top_k <= E, op, ": top_k must be in [1, E] = [1, ", E, "], got ", top_k);
+  TORCH_CHECK_VALUE(top_k <= topk_group * (E / n_group), op, ": top_k = ", top_k,
+                    " exceeds the experts of the kept groups, topk_group * E / n_group = ", topk_group * (E / n_group));
+  TORCH_CHECK_VALUE(std::isfinite(routed_scaling_factor), op, ": routed_scaling_factor must be finite, got ",
+                    routed_scaling_factor);
+  Tensor logits = router_logits.contiguous();
+  Tensor bias;
+  if (expert_bias.has_value()) {
+    bias = expert_bias->contiguous();
+    TORCH_CHECK_TYPE(bias.scalar_type() == at::kFloat, op, ": expert_bias must be float32, got ", bias.scalar_type());
+    TORCH_CHECK_VALUE(bias.dim() == 1 && bias.size(0) == E, op, ": expert_bias must be [E] = [", E, "], got shape ",
+                      bias.sizes());
+    check_same_device(logits, bias, op, "router_logits", "expert_bias");
+  }
+  Tensor ids = at::empty({T, top_k}, logits.options().dtype(at::kInt));
+  Tensor weights = at::empty({T, top_k}, logits.options().dtype(at::kFloat));
+  p.logits = logits.data_ptr();
+  p.expert_bias = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  p.topk_ids = ids.data_ptr<int32_t>();
+  p.topk_weights = weights.data_ptr<float>();
+  p.tokens = T;
+  p.experts = E;
+  p.top_k = top_k;
+  p.n_group = n_group;
+  p.topk_group = topk_group;
+  p.routed_scaling_factor = static_cast<float>(routed_scaling_factor);
+  p.norm_topk_prob = norm_topk_prob;
+  const llada::Status s = llada::moe_route_cpu(p);
+  TORCH_CHECK_VALUE(s != llada::Status::kNanInput, op, ": router_logits or expert_bias contain NaN");
+  check_status(s, op, "bad routing configuration");
+  return {ids, weights};
+}
+
+std::tuple<Tensor, Tensor, Tensor> moe_permute(const Tensor& x, const Tensor& topk_ids, int64_t num_experts) {
+  constexpr const char* op = "moe_permute";
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be [T, H], got shape ", x.sizes());
+  TORCH_CHECK_VALUE(topk_ids.dim() == 2 && topk_ids.size(0) == x.size(0), op, ": topk_ids must be [T, k] with T = ",
+                    x.size(0), ", got shape ", topk_ids.sizes());
+  check_int32(topk_ids, op, "topk_ids");
+  check_same_device(x, topk_ids, op, "x", "topk_ids");
+  TORCH_CHECK_VALUE(topk_ids.size(1) >= 1, op, ": topk_ids must have k >= 1 columns");
+  TORCH_CHECK_VALUE(num_experts >= 1, op, ": num_experts must be >= 1, got ", num_experts);
+  const int64_t T = x.size(0), H = x.size(1), k = topk_ids.size(1);
+  TORCH_CHECK_VALUE(T * k <= INT32_MAX, op, ": T * k must fit in int32, got ", T * k);
+  llada::MoePermuteParams p;
+  p.dtype = element_dtype(x, op, "x");
+  Tensor xc = x.contiguous(), ids = topk_ids.contiguous();
+  Tensor x_sorted = at::empty({T * k, H}, x.options());
+  Tensor offsets = at::empty({num_experts + 1}, ids.options());
+  Tensor inverse = at::empty({T * k}, ids.options());
+  p.x = xc.data_ptr();
+  p.topk_ids = ids.data_ptr<int32_t>();
+  p.x_sorted = x_sorted.data_ptr();
+  p.offsets = offsets.data_ptr<int32_t>();
+  p.inverse = inverse.data_ptr<int32_t>();
+  p.tokens = T;
+  p.hidden = H;
+  p.top_k = k;
+  p.experts = num_experts;
+  check_status(llada::moe_permute_cpu(p), op, "topk_ids must lie in [0, num_experts)");
+  return {x_sorted, offsets, inverse};
+}
+
+void check_unpermute_args(const Tensor& y, const Tensor& inverse, const Tensor& topk_weights, const char* op) {
+  TORCH_CHECK_VALUE(y.dim() == 2, op, ": y must be [T * k, H], got shape ", y.sizes());
+  TORCH_CHECK_VALUE(topk_weights.dim() == 2 && topk_weights.size(1) >= 1, op,
+                    ": topk_weights must be [T, k] with k >= 1, got shape ", topk_weights.sizes());
+  TORCH_CHECK_TYPE(topk_weights.scalar_type() == at::kFloat, op, ": topk_weights must be float32, got ",
+                   topk_weights.scalar_type());
+  check_int32(inverse, op, "inverse");
+  const int64_t rows = topk_weights.size(0) * topk_weights.size(1);
+  TORCH_CHECK_VALUE(inverse.dim() == 1 && inverse.size(0) == rows, op, ": inverse must be [T * k] = [", rows,
+                    "], got shape ", inverse.sizes());
+  TORCH_CHECK_VALUE(y.size(0) == rows, op, ": y must have T * k = ", rows, " rows, got ", y.size(0));
+  check_same_device(y, inverse, op, "y", "inverse");
+  check_same_device(y, topk_weights, op, "y", "topk_weights");
+}
+
+Tensor moe_unpermute(const Tensor& y, const Tensor& inverse, const Tensor& topk_weights) {
+  constexpr const char* op = "moe_unpermute";
+  check_unpermute_args(y, inverse, topk_weights, op);
+  const int64_t T = topk_weights.size(0), k = topk_weights.size(1), H = y.size(1);
+  llada::MoeUnpermuteParams p;
+  p.dtype = element_dtype(y, op, "y");
+  Tensor yc = y.contiguous(), inv = inverse.contiguous(), w = topk_weights.contiguous();
+  Tensor out = at::empty({T, H}, y.options());
+  p.y = yc.data_ptr();
+  p.inverse = inv.data_ptr<int32_t>();
+  p.topk_weights = w.data_ptr<float>();
+  p.out = out.data_ptr();
+  p.tokens = T;
+  p.hidden = H;
+  p.top_k = k;
+  p.rows = y.size(0);
+  check_status(llada::moe_unpermute_cpu(p), op, "inverse must lie in [0, T * k)");
+  return out;
+}
+
+std::tuple<Tensor, Tensor> moe_unpermute_backward(const Tensor& grad_out, const Tensor& y, const Tensor& inverse,
+                                                  const Tensor& topk_weights) {
+  constexpr const char* op = "moe_unpermute_backward";
+  check_unpermute_args(y, inverse, topk_weights, op);
+  const int64_t T = topk_weights.size(0), k = topk_weights.size(1), H = y.size(1);
+  TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == T && grad_out.size(1) == H, op,
+                    ": grad_out must be [T, H] = [", T, ", ", H, "], got shape ", grad_out.sizes());
+  TORCH_CHECK_TYPE(grad_out.scalar_type() == y.scalar_type(), op, ": grad_out must have the dtype of y (",
+                   y.scalar_type(), "), got ", grad_out.scalar_type());
+  check_same_device(y, grad_out, op, "y", "grad_out");
+  llada::MoeUnpermuteBackwardParams p;
+  p.dtype = element_dtype(y, op, "y");
+  Tensor g = grad_out.contiguous(), yc = y.contiguous(), inv = inverse.contiguous(), w = topk_weights.contiguous();
+  Tensor grad_y = at::empty_like(yc);
+  Tensor grad_w = at::empty({T, k}, w.options());
+  p.grad_out = g.data_ptr();
+  p.y = yc.data_ptr();
+  p.inverse = inv.data_ptr<int32_t>();
+  p.topk_weights = w.data_ptr<float>();
+  p.grad_y = grad_y.data_ptr();
+  p.grad_weights = grad_w.data_ptr<float>();
+  p.tokens = T;
+  p.hidden = H;
+  p.top_k = k;
+  p.rows = y.size(0);
+  check_status(llada::moe_unpermute_backward_cpu(p), op, "inverse must be a permutation of [0, T * k)");
+  return {grad_y, grad_w};
+}
+
+Tensor moe_grouped_gemm(const Tensor& a, const Tensor& b, const Tensor& offsets) {
+  constexpr const char* op = "moe_grouped_gemm";
+  TORCH_CHECK_VALUE(a.dim() == 2, op, ": a must be [M, K], got shape ", a.sizes());
+  TORCH_CHECK_VALUE(b.dim() == 3, op, ": b must be [E, N, K], got shape ", b.sizes());
+  TORCH_CHECK_VALUE(b.size(2) == a.size(1), op, ": b must be [E, N, K] with K = ", a.size(1),
+                    " (the columns of a), got shape ", b.sizes());
+  TORCH_CHECK_VALUE(b.size(0) >= 1, op, ": b must hold at least one group");
+  TORCH_CHECK_TYPE(a.scalar_type() == b.scalar_type(), op, ": a and b must have one dtype, got ", a.scalar_type(),
+                   " and ", b.scalar_type());
+  check_same_device(a, b, op, "a", "b");
+  check_same_device(a, offsets, op, "a", "offsets");
+  const int64_t M = a.size(0), K = a.size(1), E = b.size(0), N = b.size(1);
+  check_offsets(offsets, E, M, op);
+  llada::GroupedGemmParams p;
+  p.dtype = element_dtype(a, op, "a");
+  Tensor ac = a.contiguous();
+  Tensor bc = (b.stride(2) == 1 || b.stride(1) == 1) ? b : b.contiguous();
+  Tensor oc = offsets.contiguous();
+  Tensor c = at::empty({M, N}, a.options());
+  p.a = ac.data_ptr();
+  p.b = bc.data_ptr();
+  p.offsets = oc.data_ptr<int32_t>();
+  p.c = c.data_ptr();
+  p.m = M;
+  p.n = N;
+  p.k = K;
+  p.groups = E;
+  p.b_stride_group = bc.stride(0);
+  p.b_stride_n = bc.stride(1);
+  p.b_stride_k = bc.stride(2);
+  check_status(llada::moe_grouped_gemm_cpu(p), op, "bad offsets");
+  return c;
+}
+
+Tensor moe_grouped_gemm_wgrad(const Tensor& grad_out, const Tensor& a, const Tensor& offsets) {
+  constexpr const char* op = "moe_grouped_gemm_wgrad";
+  TORCH_CHECK_VALUE(grad_out.dim() == 2, op, ": grad_out must be [M, N], got shape ", grad_out.sizes());
+  TORCH_CHECK_VALUE(a.dim() == 2 && a.size(0) == grad_out.size(0), op, ": a must be [M, K] with M = ",
+                    grad_out.size(0), ", got shape ", a.sizes());
+  TORCH_CHECK_TYPE(a.scalar_type() == grad_out.scalar_type(), op, ": grad_out and a must have one dtype, got ",
+                   grad_out.scalar_type(), " and ", a.scalar_type());
+  TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) >= 2, op,
+                    ": offsets must be [E + 1] with E >= 1, got shape ", offsets.sizes());
+  check_same_device(a, grad_out, op, "a", "grad_out");
+  check_same_device(a, offsets, op, "a", "offsets");
+  const int64_t M = a.size(0), K = a.size(1), N = grad_out.size(1), E = offsets.size(0) - 1;
+  check_offsets(offsets, E, M, op);
+  llada::GroupedGemmWgradParams p;
+  p.dtype = element_dtype(a, op, "a");
+  Tensor gc = grad_out.contiguous(), ac = a.contiguous(), oc = offsets.contiguous();
+  Tensor grad_b = at::empty({E, N, K}, a.options());
+  p.grad_c = gc.data_ptr();
+  p.a = ac.data_ptr();
+  p.offsets = oc.data_ptr<int32_t>();
+  p.grad_b = grad_b.data_ptr();
+  p.m = M;
+  p.n = N;
+  p.k = K;
+  p.groups = E;
+  check_status(llada::moe_grouped_gemm_wgrad_cpu(p), op, "bad offsets");
+  return grad_b;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(llada, CPU, m) {
+  m.impl("moe_route", &moe_route);
+  m.impl("moe_permute", &moe_permute);
+  m.impl("moe_unpermute", &moe_unpermute);
+  m.impl("moe_unpermute_backward", &moe_unpermute_backward);
+  m.impl("moe_grouped_gemm", &moe_grouped_gemm);
+  m.impl("moe_grouped_gemm_wgrad", &moe_grouped_gemm_wgrad);
+}

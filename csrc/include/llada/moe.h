@@ -1,0 +1,120 @@
+// Mixture of experts (DESIGN.md §3.2): the torch-free interface of the `moe_*` op family.
+//
+//   route      router logits -> top-k experts and their weights per token (the LLaDA2 gate)
+//   permute    token rows copied into expert order, with per-expert offsets and the inverse index
+//   grouped    C[rows of group g] = A[rows of group g] @ B[g]^T for every group g, in one call
+//   wgrad      dB[g] = dC[rows of g]^T @ A[rows of g]: the weight gradient, a grouped GEMM over a ragged K
+//   unpermute  out[t] = sum_s w[t, s] * Y[inverse[t * k + s]], and its backward
+//
+// Shapes: T tokens, E experts (= groups), k experts per token, H hidden, M = T * k permuted rows,
+// K and N the inner and output sizes of a grouped GEMM. Index tensors are int32, weights fp32.
+// Tie-breaking of the routing: among equal scores the lower group or expert index is chosen first;
+// the k chosen experts of a token are listed by descending biased score. The permutation is stable:
+// within an expert, rows follow the flattened (token, slot) index t * k + s.
+#pragma once
+
+#include <cstdint>
+
+#include "llada/dtype.h"
+#include "llada/status.h"
+
+namespace llada {
+
+struct MoeRouteParams {
+  const void* logits = nullptr;         // [T, E] contiguous, of logits_dtype (read as fp32)
+  DType logits_dtype = DType::kFloat32;
+  const float* expert_bias = nullptr;   // [E], added to the scores for selection only; null: zeros
+  int32_t* topk_ids = nullptr;          // [T, k] out
+  float* topk_weights = nullptr;        // [T, k] out
+
+  int64_t tokens = 0;                   // T
+  int64_t experts = 0;                  // E
+  int64_t top_k = 0;                    // k, 1 <= k <= topk_group * E / n_group
+  int64_t n_group = 1;                  // divides E
+  int64_t topk_group = 1;               // 1 <= topk_group <= n_group
+  float routed_scaling_factor = 1.0f;
+  bool norm_topk_prob = true;
+};
+
+struct MoePermuteParams {
+  const void* x = nullptr;              // [T, H] contiguous
+  DType dtype = DType::kFloat32;
+  const int32_t* topk_ids = nullptr;    // [T, k], values in [0, E)
+  void* x_sorted = nullptr;             // [M, H] out: row inverse[t * k + s] is x[t]
+  int32_t* offsets = nullptr;           // [E + 1] out: expert e owns rows offsets[e]:offsets[e + 1]
+  int32_t* inverse = nullptr;           // [M] out
+
+  int64_t tokens = 0;                   // T
+  int64_t hidden = 0;                   // H
+  int64_t top_k = 0;                    // k
+  int64_t experts = 0;                  // E
+};
+
+struct MoeUnpermuteParams {
+  const void* y = nullptr;              // [M, H] contiguous
+  DType dtype = DType::kFloat32;
+  const int32_t* inverse = nullptr;     // [T * k], values in [0, M)
+  const float* topk_weights = nullptr;  // [T, k]
+  void* out = nullptr;                  // [T, H] out, dtype of y, accumulated in fp32
+
+  int64_t tokens = 0;                   // T
+  int64_t hidden = 0;                   // H
+  int64_t top_k = 0;                    // k
+  int64_t rows = 0;                     // M
+};
+
+struct MoeUnpermuteBackwardParams {
+  const void* grad_out = nullptr;       // [T, H] contiguous, dtype of y
+  const void* y = nullptr;              // [M, H] contiguous
+  DType dtype = DType::kFloat32;
+  const int32_t* inverse = nullptr;     // [T * k], a permutation of [0, M)
+  const float* topk_weights = nullptr;  // [T, k]
+  void* grad_y = nullptr;               // [M, H] out: w[t, s] * grad_out[t] at row inverse[t * k + s]
+  float* grad_weights = nullptr;        // [T, k] out: <grad_out[t], y[inverse[t * k + s]]>
+
+  int64_t tokens = 0;                   // T
+  int64_t hidden = 0;                   // H
+  int64_t top_k = 0;                    // k
+  int64_t rows = 0;                     // M = T * k; inverse must be a permutation of [0, M)
+};
+
+struct GroupedGemmParams {
+  const void* a = nullptr;              // [M, K] contiguous
+  const void* b = nullptr;              // [E, N, K] with the strides below (elements)
+  const int32_t* offsets = nullptr;     // [E + 1], 0 = offsets[0] <= ... <= offsets[E] = M
+  void* c = nullptr;                    // [M, N] out, contiguous
+  DType dtype = DType::kFloat32;        // of a, b and c; accumulation is fp32
+
+  int64_t m = 0;
+  int64_t n = 0;
+  int64_t k = 0;
+  int64_t groups = 0;                   // E
+  int64_t b_stride_group = 0;
+  int64_t b_stride_n = 0;
+  int64_t b_stride_k = 1;
+};
+
+struct GroupedGemmWgradParams {
+  const void* grad_c = nullptr;         // [M, N] contiguous
+  const void* a = nullptr;              // [M, K] contiguous
+  const int32_t* offsets = nullptr;     // [E + 1], as in GroupedGemmParams
+  void* grad_b = nullptr;               // [E, N, K] out, contiguous; zero for a group without rows
+  DType dtype = DType::kFloat32;
+
+  int64_t m = 0;
+  int64_t n = 0;
+  int64_t k = 0;
+  int64_t groups = 0;                   // E
+};
+
+// C++ CPU kernels (OpenMP). kBadArgument: sizes outside the documented domain, an index out of
+// range or offsets that are not monotonic from 0 to M (outputs then unspecified); kNanInput: a NaN
+// router logit. Supported dtypes: fp32 and bf16 (route also reads fp16 logits).
+Status moe_route_cpu(const MoeRouteParams& p);
+Status moe_permute_cpu(const MoePermuteParams& p);
+Status moe_unpermute_cpu(const MoeUnpermuteParams& p);
+Status moe_unpermute_backward_cpu(const MoeUnpermuteBackwardParams& p);
+Status moe_grouped_gemm_cpu(const GroupedGemmParams& p);
+Status moe_grouped_gemm_wgrad_cpu(const GroupedGemmWgradParams& p);
+
+}  // namespace llada

@@ -1,0 +1,187 @@
+// C++ CPU grouped GEMM of the MoE layers (DESIGN.md §3.2), all groups in one call:
+//   forward  C[rows of g] = A[rows of g] @ B[g]^T       (B [E, N, K], K- or N-contiguous)
+//   wgrad    dB[g] = dC[rows of g]^T @ A[rows of g]     (a ragged reduction over each group's rows)
+//
+// Both are one blocked kernel: a panel of kNR output columns is packed as fp32 [K, kNR] (so the
+// weights are read once, converted once), then kMR x kNR tiles accumulate in registers over the whole
+// reduction, broadcasting one scalar of the left operand per row and step. bf16 inputs are widened to
+// fp32 (accumulation is always fp32) and results rounded once. Work items are (group, column panel),
+// scheduled dynamically over the OpenMP threads. The micro-kernel is compiled for AVX-512, AVX2 and
+// baseline x86-64 and picked at load time.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "llada/moe.h"
+#include "moe/element.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define LLADA_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define LLADA_MULTIVERSION
+#endif
+
+namespace llada {
+
+namespace {
+
+constexpr int64_t kMR = 8;   // rows of a register tile
+constexpr int64_t kNR = 32;  // columns of a register tile and of a packed panel
+
+// out[r, j] = sum_kk a[r * a_rs + kk * a_ks] * panel[kk, j] for r < mr, j < kNR.
+LLADA_MULTIVERSION void tile_kernel(const float* a, int64_t a_rs, int64_t a_ks, int64_t mr, const float* panel,
+                                    int64_t K, float* out) {
+  float acc[kMR][kNR] = {};
+  if (mr == kMR) {
+    for (int64_t kk = 0; kk < K; ++kk) {
+      const float* b = panel + kk * kNR;
+      for (int64_t r = 0; r < kMR; ++r) {
+        const float av = a[r * a_rs + kk * a_ks];
+#pragma omp simd
+        for (int64_t j = 0; j < kNR; ++j) acc[r][j] += av * b[j];
+      }
+    }
+  } else {
+    for (int64_t kk = 0; kk < K; ++kk) {
+      const float* b = panel + kk * kNR;
+      for (int64_t r = 0; r < mr; ++r) {
+        const float av = a[r * a_rs + kk * a_ks];
+#pragma omp simd
+        for (int64_t j = 0; j < kNR; ++j) acc[r][j] += av * b[j];
+      }
+    }
+  }
+  for (int64_t r = 0; r < mr; ++r) std::memcpy(out + r * kNR, acc[r], sizeof(acc[r]));
+}
+
+// Rows of the output tile to their destination (nr valid columns, row stride ld).
+template <typename T>
+void store_tile(const float* tile, int64_t mr, int64_t nr, T* dst, int64_t ld) {
+  for (int64_t r = 0; r < mr; ++r)
+    for (int64_t j = 0; j < nr; ++j) dst[r * ld + j] = moe::from_float<T>(tile[r * kNR + j]);
+}
+
+// panel [K, kNR] = src[kk * s_k + j * s_j] for j < nr, zero for nr <= j < kNR.
+template <typename T>
+void pack_panel(const T* src, int64_t s_j, int64_t s_k, int64_t nr, int64_t K, float* panel) {
+  if (s_k == 1) {
+    for (int64_t kk = 0; kk < K; ++kk) std::fill(panel + kk * kNR + nr, panel + (kk + 1) * kNR, 0.0f);
+    for (int64_t j = 0; j < nr; ++j) {
+      const T* row = src + j * s_j;
+      for (int64_t kk = 0; kk < K; ++kk) panel[kk * kNR + j] = moe::to_float(row[kk]);
+    }
+  } else {
+    for (int64_t kk = 0; kk < K; ++kk) {
+      const T* col = src + kk * s_k;
+      float* dst = panel + kk * kNR;
+      for (int64_t j = 0; j < nr; ++j) dst[j] = moe::to_float(col[j * s_j]);
+      std::fill(dst + nr, dst + kNR, 0.0f);
+    }
+  }
+}
+
+// fp32 view of a contiguous [rows, cols] matrix: the matrix itself, or a widened copy in `storage`.
+template <typename T>
+const float* as_float(const void* src, int64_t count, std::vector<float>& storage) {
+  if constexpr (std::is_same_v<T, float>) {
+    return static_cast<const float*>(src);
+  } else {
+    storage.resize(count);
+    const T* s = static_cast<const T*>(src);
+#pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < count; ++i) storage[i] = moe::to_float(s[i]);
+    return storage.data();
+  }
+}
+
+template <typename T>
+void grouped_gemm(const GroupedGemmParams& p) {
+  const int64_t N = p.n, K = p.k, panels = (N + kNR - 1) / kNR;
+  std::vector<float> a_storage;
+  const float* a = as_float<T>(p.a, p.m * K, a_storage);  // [M, K]
+  const T* b = static_cast<const T*>(p.b);                // [E, N, K] strided
+  T* c = static_cast<T*>(p.c);                            // [M, N]
+#pragma omp parallel
+  {
+    std::vector<float> panel(K * kNR), tile(kMR * kNR);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < p.groups * panels; ++item) {
+      const int64_t g = item / panels, n0 = (item % panels) * kNR, nr = std::min(kNR, N - n0);
+      const int64_t m_begin = p.offsets[g], m_end = p.offsets[g + 1];
+      if (m_begin == m_end) continue;
+      pack_panel(b + g * p.b_stride_group + n0 * p.b_stride_n, p.b_stride_n, p.b_stride_k, nr, K, panel.data());
+      for (int64_t m = m_begin; m < m_end; m += kMR) {
+        const int64_t mr = std::min(kMR, m_end - m);
+        tile_kernel(a + m * K, K, 1, mr, panel.data(), K, tile.data());
+        store_tile(tile.data(), mr, nr, c + m * N + n0, N);
+      }
+    }
+  }
+}
+
+template <typename T>
+void grouped_gemm_wgrad(const GroupedGemmWgradParams& p) {
+  const int64_t N = p.n, K = p.k, panels = (K + kNR - 1) / kNR;
+  std::vector<float> dc_storage;
+  const float* dc = as_float<T>(p.grad_c, p.m * N, dc_storage);  // [M, N]
+  const T* a = static_cast<const T*>(p.a);                         // [M, K]
+  T* db = static_cast<T*>(p.grad_b);                               // [E, N, K]
+#pragma omp parallel
+  {
+    std::vector<float> panel, tile(kMR * kNR);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < p.groups * panels; ++item) {
+      const int64_t g = item / panels, k0 = (item % panels) * kNR, kr = std::min(kNR, K - k0);
+      const int64_t m_begin = p.offsets[g], rows = p.offsets[g + 1] - m_begin;
+      T* out = db + g * N * K + k0;
+      if (rows == 0) {
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t j = 0; j < kr; ++j) out[n * K + j] = moe::from_float<T>(0.0f);
+        continue;
+      }
+      // panel [rows, kNR] = A[m_begin:m_end, k0:k0 + kr]: the reduction runs over the group's rows.
+      panel.resize(rows * kNR);
+      pack_panel(a + m_begin * K + k0, 1, K, kr, rows, panel.data());
+      for (int64_t n = 0; n < N; n += kMR) {
+        const int64_t mr = std::min(kMR, N - n);
+        tile_kernel(dc + m_begin * N + n, 1, N, mr, panel.data(), rows, tile.data());
+        store_tile(tile.data(), mr, kr, out + n * K, K);
+      }
+    }
+  }
+}
+
+bool offsets_valid(const int32_t* offsets, int64_t groups, int64_t m) {
+  if (offsets[0] != 0 || offsets[groups] != m) return false;
+  for (int64_t g = 0; g < groups; ++g)
+    if (offsets[g + 1] < offsets[g]) return false;
+  return true;
+}
+
+}  // namespace
+
+Status moe_grouped_gemm_cpu(const GroupedGemmParams& p) {
+  if (p.m < 0 || p.n < 0 || p.k < 0 || p.groups < 1 || !offsets_valid(p.offsets, p.groups, p.m))
+    return Status::kBadArgument;
+  switch (p.dtype) {
+    case DType::kFloat32: grouped_gemm<float>(p); break;
+    case DType::kBFloat16: grouped_gemm<moe::Bf16>(p); break;
+    default: return Status::kBadArgument;
+  }
+  return Status::kOk;
+}
+
+Status moe_grouped_gemm_wgrad_cpu(const GroupedGemmWgradParams& p) {
+  if (p.m < 0 || p.n < 0 || p.k < 0 || p.groups < 1 || !offsets_valid(p.offsets, p.groups, p.m))
+    return Status::kBadArgument;
+  switch (p.dtype) {
+    case DType::kFloat32: grouped_gemm_wgrad<float>(p); break;
+    case DType::kBFloat16: grouped_gemm_wgrad<moe::Bf16>(p); break;
+    default: return Status::kBadArgument;
+  }
+  return Status::kOk;
+}
+
+}  // namespace llada

@@ -1,0 +1,214 @@
+"""Mixture of experts (DESIGN.md §3.2): the routed part of a LLaDA2 MoE layer, as composable ops.
+
+    moe_route(router_logits, expert_bias, *, top_k, n_group, topk_group, routed_scaling_factor,
+              norm_topk_prob=True) -> (topk_ids int32 [T, k], topk_weights fp32 [T, k])
+    moe_permute(x, topk_ids, num_experts) -> (x_sorted [T*k, H], offsets int32 [E+1], inverse int32 [T*k])
+    moe_grouped_gemm(a, b, offsets) -> [M, N]          # a [M, K], b [E, N, K] (nn.Linear layout)
+    moe_unpermute(y, inverse, topk_weights) -> [T, H]
+    moe_experts(x, topk_ids, topk_weights, w13, w2) -> [T, H]   # w13 [E, 2I, H] = [gate; up], w2 [E, H, I]
+    *_ref: the pure-PyTorch references (the oracle of the tests, the baseline of the benchmarks)
+
+Routing is the official LLaDA2 gate: sigmoid of the fp32 logits; `expert_bias` added for the selection
+only; a group's score is the sum of its top-2 biased scores; the `topk_group` best of `n_group` groups are
+kept and the `top_k` best experts among them chosen. Ties go to the lower group / expert index, and the
+k experts of a token are listed by descending biased score. Weights are the unbiased scores of the chosen
+experts, divided by (their sum + 1e-20) when norm_topk_prob, times routed_scaling_factor.
+Permutation: rows grouped by expert, stable in the flattened (token, slot) index t * k + s;
+x_sorted[inverse[t * k + s]] = x[t], and expert e owns rows offsets[e]:offsets[e + 1].
+moe_grouped_gemm, moe_unpermute and moe_experts are differentiable in their activations, weights and
+topk_weights: the backward of the grouped GEMM is the same op with b transposed (activations) and a
+grouped GEMM over a ragged K (weights, zero for experts that got no row).
+"""
+import torch
+import torch.nn.functional as F
+
+from .._extension import kernels_available, require_kernels
+
+
+def moe_route(router_logits: torch.Tensor, expert_bias: torch.Tensor, *, top_k: int, n_group: int,
+              topk_group: int, routed_scaling_factor: float,
+              norm_topk_prob: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen experts int32 [T, k] and their weights fp32 [T, k] (see the module doc)."""
+    require_kernels("moe_route")
+    return torch.ops.llada.moe_route(router_logits, expert_bias, top_k=top_k, n_group=n_group,
+                                     topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
+                                     norm_topk_prob=norm_topk_prob)
+
+
+def moe_permute(x: torch.Tensor, topk_ids: torch.Tensor,
+                num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of x [T, H] in expert order: (x_sorted [T*k, H], offsets int32 [E+1], inverse int32 [T*k])."""
+    require_kernels("moe_permute")
+    return torch.ops.llada.moe_permute(x, _int32_ids(topk_ids), num_experts)
+
+
+def moe_grouped_gemm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """[M, N]: rows offsets[g]:offsets[g+1] of a [M, K] times b[g]^T, b [E, N, K]."""
+    require_kernels("moe_grouped_gemm")
+    return torch.ops.llada.moe_grouped_gemm(a, b, offsets)
+
+
+def moe_unpermute(y: torch.Tensor, inverse: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """[T, H]: out[t] = sum_s topk_weights[t, s] * y[inverse[t * k + s]], accumulated in fp32."""
+    require_kernels("moe_unpermute")
+    return torch.ops.llada.moe_unpermute(y, inverse, topk_weights)
+
+
+def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
+                w2: torch.Tensor) -> torch.Tensor:
+    """The routed experts of a MoE layer, [T, H]: permute, x @ w13^T, SiLU(gate) * up, @ w2^T, unpermute."""
+    num_experts, intermediate = _check_expert_weights(x, w13, w2)
+    x_sorted, offsets, inverse = moe_permute(x, topk_ids, num_experts)
+    h = moe_grouped_gemm(x_sorted, w13, offsets)                        # [T*k, 2I]
+    act = F.silu(h[:, :intermediate]) * h[:, intermediate:]             # [T*k, I]
+    y = moe_grouped_gemm(act, w2, offsets)                              # [T*k, H]
+    return moe_unpermute(y, inverse, topk_weights)
+
+
+def _int32_ids(topk_ids: torch.Tensor) -> torch.Tensor:
+    return topk_ids.int() if topk_ids.dtype == torch.int64 else topk_ids
+
+
+def _check_expert_weights(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> tuple[int, int]:
+    if x.dim() != 2:
+        raise ValueError(f"moe_experts: x must be [T, H], got shape {list(x.shape)}")
+    H = x.shape[1]
+    if w13.dim() != 3 or w13.shape[2] != H or w13.shape[1] % 2:
+        raise ValueError(f"moe_experts: w13 must be [E, 2I, H] with H = {H}, got shape {list(w13.shape)}")
+    E, I = w13.shape[0], w13.shape[1] // 2
+    if w2.shape != (E, H, I):
+        raise ValueError(f"moe_experts: w2 must be [E, H, I] = [{E}, {H}, {I}], got shape {list(w2.shape)}")
+    return E, I
+
+
+# ---- references --------------------------------------------------------------------------------------
+
+def moe_route_ref(router_logits: torch.Tensor, expert_bias: torch.Tensor, *, top_k: int, n_group: int,
+                  topk_group: int, routed_scaling_factor: float,
+                  norm_topk_prob: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The official LLaDA2 gate after the router projection, with stable sorts for the tie order."""
+    T, E = router_logits.shape
+    group_size = E // n_group
+    scores = torch.sigmoid(router_logits.float())                       # [T, E]
+    biased = scores + expert_bias if expert_bias is not None else scores
+    group_scores = biased.view(T, n_group, group_size).topk(min(2, group_size), dim=-1).values.sum(-1)
+    group_idx = torch.sort(group_scores, dim=-1, descending=True, stable=True).indices[:, :topk_group]
+    group_mask = torch.zeros(T, n_group, dtype=torch.bool, device=biased.device).scatter_(1, group_idx, True)
+    score_mask = group_mask.unsqueeze(-1).expand(T, n_group, group_size).reshape(T, E)
+    masked = biased.masked_fill(~score_mask, float("-inf"))
+    topk_idx = torch.sort(masked, dim=-1, descending=True, stable=True).indices[:, :top_k]   # [T, k]
+    weights = scores.gather(1, topk_idx)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return topk_idx.int(), weights * routed_scaling_factor
+
+
+def moe_permute_ref(x: torch.Tensor, topk_ids: torch.Tensor,
+                    num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    k = topk_ids.shape[1]
+    flat = topk_ids.reshape(-1).long()                                  # [T*k]
+    order = torch.sort(flat, stable=True).indices                       # flat index of each sorted row
+    counts = torch.bincount(flat, minlength=num_experts)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).int()
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return x[order // k], offsets, inverse.int()
+
+
+def moe_grouped_gemm_ref(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The loop over groups (every group, empty ones too, so each b[g] is in the autograd graph)."""
+    bounds = offsets.tolist()
+    return torch.cat([a[bounds[g]:bounds[g + 1]] @ b[g].t() for g in range(b.shape[0])])
+
+
+def moe_unpermute_ref(y: torch.Tensor, inverse: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    T, k = topk_weights.shape
+    rows = y[inverse.long()].view(T, k, y.shape[1]).float()             # [T, k, H]
+    return (rows * topk_weights.unsqueeze(-1)).sum(1).to(y.dtype)
+
+
+def moe_experts_ref(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
+                    w2: torch.Tensor) -> torch.Tensor:
+    """The official loop over experts: each expert's SwiGLU MLP on its tokens, weighted sum in fp32."""
+    _, I = _check_expert_weights(x, w13, w2)
+    acc_dtype = torch.promote_types(x.dtype, torch.float32)
+    out = torch.zeros(x.shape, dtype=acc_dtype, device=x.device)        # [T, H]
+    for e in range(w13.shape[0]):
+        token, slot = torch.where(topk_ids == e)
+        if token.numel() == 0:
+            continue
+        h = F.linear(x[token], w13[e])                                  # [n, 2I]
+        y = F.linear(F.silu(h[:, :I]) * h[:, I:], w2[e])                # [n, H]
+        out = out.index_add(0, token, y.to(acc_dtype) * topk_weights[token, slot].unsqueeze(-1))
+    return out.to(x.dtype)
+
+
+# ---- fake implementations and autograd ---------------------------------------------------------------
+
+if kernels_available():
+    @torch.library.register_fake("llada::moe_route")
+    def _moe_route_fake(router_logits, expert_bias, *, top_k, n_group, topk_group, routed_scaling_factor,
+                        norm_topk_prob=True):
+        T = router_logits.shape[0]
+        return (router_logits.new_empty((T, top_k), dtype=torch.int32),
+                router_logits.new_empty((T, top_k), dtype=torch.float32))
+
+    @torch.library.register_fake("llada::moe_permute")
+    def _moe_permute_fake(x, topk_ids, num_experts):
+        rows = topk_ids.shape[0] * topk_ids.shape[1]
+        return (x.new_empty((rows, x.shape[1])), topk_ids.new_empty((num_experts + 1,)),
+                topk_ids.new_empty((rows,)))
+
+    @torch.library.register_fake("llada::moe_unpermute")
+    def _moe_unpermute_fake(y, inverse, topk_weights):
+        return y.new_empty((topk_weights.shape[0], y.shape[1]))
+
+    @torch.library.register_fake("llada::moe_unpermute_backward")
+    def _moe_unpermute_backward_fake(grad_out, y, inverse, topk_weights):
+        return torch.empty_like(y, memory_format=torch.contiguous_format), torch.empty_like(topk_weights)
+
+    @torch.library.register_fake("llada::moe_grouped_gemm")
+    def _moe_grouped_gemm_fake(a, b, offsets):
+        return a.new_empty((a.shape[0], b.shape[1]))
+
+    @torch.library.register_fake("llada::moe_grouped_gemm_wgrad")
+    def _moe_grouped_gemm_wgrad_fake(grad_out, a, offsets):
+        return a.new_empty((offsets.shape[0] - 1, grad_out.shape[1], a.shape[1]))
+
+    def _permute_setup(ctx, inputs, output):
+        _, topk_ids, _ = inputs
+        ctx.save_for_backward(output[2])
+        ctx.topk_shape = topk_ids.shape
+
+    def _permute_backward(ctx, grad_x_sorted, grad_offsets, grad_inverse):
+        (inverse,) = ctx.saved_tensors
+        ones = torch.ones(ctx.topk_shape, dtype=torch.float32, device=inverse.device)
+        return torch.ops.llada.moe_unpermute(grad_x_sorted, inverse, ones), None, None
+
+    torch.library.register_autograd("llada::moe_permute", _permute_backward, setup_context=_permute_setup)
+
+    def _grouped_gemm_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _grouped_gemm_backward(ctx, grad):
+        a, b, offsets = ctx.saved_tensors
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_a = torch.ops.llada.moe_grouped_gemm(grad, b.transpose(1, 2), offsets)
+        if ctx.needs_input_grad[1]:
+            grad_b = torch.ops.llada.moe_grouped_gemm_wgrad(grad, a, offsets)
+        return grad_a, grad_b, None
+
+    torch.library.register_autograd("llada::moe_grouped_gemm", _grouped_gemm_backward,
+                                    setup_context=_grouped_gemm_setup)
+
+    def _unpermute_setup(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def _unpermute_backward(ctx, grad):
+        y, inverse, topk_weights = ctx.saved_tensors
+        grad_y, grad_w = torch.ops.llada.moe_unpermute_backward(grad, y, inverse, topk_weights)
+        return (grad_y if ctx.needs_input_grad[0] else None, None,
+                grad_w if ctx.needs_input_grad[2] else None)
+
+    torch.library.register_autograd("llada::moe_unpermute", _unpermute_backward, setup_context=_unpermute_setup)

@@ -1,0 +1,351 @@
+"""The MoE ops against their references on every device: routing exact (ids) and within 1e-6 (weights),
+including group-limited cases where the plain top-k differs; permutation exact; the grouped GEMM against
+the loop over groups (empty groups, one group holding every row, M = 0, odd K and N, both b layouts),
+bf16 within 2x the reference's own bf16 error; gradients against the reference's autograd (zero for
+unused experts); moe_experts against the official loop; bad input rejected by name."""
+import pytest
+import torch
+
+from llada_engine.ops import (moe_experts, moe_experts_ref, moe_grouped_gemm, moe_grouped_gemm_ref, moe_permute,
+                              moe_permute_ref, moe_route, moe_route_ref, moe_unpermute, moe_unpermute_ref)
+from op_testing import DEVICES, assert_close_to_reference
+
+ROUTE_CONFIGS = [  # (T, E, top_k, n_group, topk_group)
+    (1, 8, 2, 4, 2), (37, 16, 4, 4, 2), (64, 64, 8, 8, 4), (19, 256, 8, 8, 4), (5, 12, 3, 12, 5), (9, 6, 6, 1, 1)]
+
+
+def random_offsets(M, E, *, generator, empty=()):
+    """int32 [E + 1] offsets splitting M rows into E groups at random, the groups in `empty` left empty."""
+    weights = torch.rand(E, generator=generator)
+    weights[list(empty)] = 0
+    counts = torch.floor(weights / weights.sum() * M).long() if weights.sum() > 0 else torch.zeros(E, dtype=torch.long)
+    nonempty = [g for g in range(E) if g not in set(empty)]
+    counts[nonempty[0]] += M - counts.sum()
+    return torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)]).int()
+
+
+def route_inputs(T, E, *, device, seed, bias_scale=0.3):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(T, E, generator=g) * 2
+    bias = torch.randn(E, generator=g) * bias_scale
+    return logits.to(device), bias.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T,E,top_k,n_group,topk_group", ROUTE_CONFIGS)
+@pytest.mark.parametrize("norm", [True, False])
+def test_route_matches_reference(device, T, E, top_k, n_group, topk_group, norm):
+    logits, bias = route_inputs(T, E, device=device, seed=T * E + top_k)
+    kw = dict(top_k=top_k, n_group=n_group, topk_group=topk_group, routed_scaling_factor=2.5, norm_topk_prob=norm)
+    ids, weights = moe_route(logits, bias, **kw)
+    ref_ids, ref_weights = moe_route_ref(logits, bias, **kw)
+    assert ids.dtype == torch.int32 and weights.dtype == torch.float32
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_route_group_limit_and_bias_matter(device):
+    T, E = 256, 64
+    logits, bias = route_inputs(T, E, device=device, seed=7, bias_scale=1.0)
+    kw = dict(top_k=8, n_group=8, topk_group=4, routed_scaling_factor=1.0)
+    ids, weights = moe_route(logits, bias, **kw)
+    ref_ids, ref_weights = moe_route_ref(logits, bias, **kw)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-6, atol=1e-6)
+    plain_biased = torch.topk(torch.sigmoid(logits) + bias, 8, dim=-1).indices
+    plain_unbiased = torch.topk(torch.sigmoid(logits), 8, dim=-1).indices
+    differs = lambda other: (ids.long().sort(-1).values != other.sort(-1).values).any(-1)  # noqa: E731
+    assert differs(plain_biased).any(), "the case should hit the group limit"
+    assert differs(plain_unbiased).any(), "the case should make the bias change the choice"
+    groups = ids.long() // (E // 8)
+    assert all(len(set(row)) <= 4 for row in groups.tolist())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_route_ties_go_to_the_lower_index(device):
+    # Equal logits everywhere: every group ties, every expert ties.
+    logits = torch.zeros(3, 16, device=device)
+    ids, weights = moe_route(logits, None, top_k=4, n_group=4, topk_group=2, routed_scaling_factor=1.0)
+    assert ids.tolist() == [[0, 1, 2, 3]] * 3
+    torch.testing.assert_close(weights, torch.full((3, 4), 0.25, device=device))
+    ref_ids, _ = moe_route_ref(logits, None, top_k=4, n_group=4, topk_group=2, routed_scaling_factor=1.0)
+    assert torch.equal(ids, ref_ids)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_route_low_precision_logits(device, dtype):
+    logits, bias = route_inputs(33, 32, device=device, seed=3)
+    logits = logits.to(dtype)
+    kw = dict(top_k=4, n_group=4, topk_group=2, routed_scaling_factor=2.5)
+    ids, weights = moe_route(logits, bias, **kw)
+    ref_ids, ref_weights = moe_route_ref(logits, bias, **kw)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-6, atol=1e-6)
+
+
+def random_ids(T, E, k, *, generator):
+    return torch.stack([torch.randperm(E, generator=generator)[:k] for _ in range(T)]).int() if T else \
+        torch.empty(0, k, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T,E,k,H", [(1, 4, 1, 3), (37, 16, 4, 24), (0, 8, 2, 5), (100, 7, 7, 9)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_permute_unpermute_match_reference(device, T, E, k, H, dtype):
+    g = torch.Generator().manual_seed(T + E)
+    ids = random_ids(T, E, k, generator=g).to(device)
+    x = torch.randn(T, H, generator=g).to(dtype).to(device)
+    out = moe_permute(x, ids, E)
+    ref = moe_permute_ref(x, ids, E)
+    for got, want in zip(out, ref):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    weights = torch.rand(T, k, generator=g).to(device)
+    y = torch.randn(T * k, H, generator=g).to(dtype).to(device)
+    got = moe_unpermute(y, out[2], weights)
+    want = moe_unpermute_ref(y.float(), out[2], weights)
+    assert_close_to_reference(got, want, moe_unpermute_ref(y, out[2], weights), atol=1e-5)
+
+
+def test_permute_accepts_int64_ids_and_skewed_experts():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.zeros(50, 3, dtype=torch.int64)
+    ids[:, 1:] = torch.randint(1, 3, (50, 2), generator=g)
+    x = torch.randn(50, 8, generator=g)
+    out = moe_permute(x, ids, 5)
+    ref = moe_permute_ref(x, ids, 5)
+    assert all(torch.equal(a, b) for a, b in zip(out, ref))
+    assert out[1].tolist()[3:] == [150, 150, 150]  # experts 3 and 4 get nothing
+
+
+GEMM_CASES = [  # (M, N, K, E, empty groups)
+    (64, 48, 32, 4, ()), (53, 37, 19, 5, (1, 3)), (40, 33, 65, 3, (0, 2)), (0, 16, 8, 4, (0, 1, 2, 3)),
+    (1, 1, 1, 1, ()), (300, 70, 130, 9, (8,))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("M,N,K,E,empty", GEMM_CASES)
+@pytest.mark.parametrize("transposed_b", [False, True])
+def test_grouped_gemm_matches_loop(device, M, N, K, E, empty, transposed_b):
+    g = torch.Generator().manual_seed(M * 7 + K)
+    offsets = random_offsets(M, E, generator=g, empty=empty).to(device) if M else torch.zeros(E + 1, dtype=torch.int32, device=device)
+    a = torch.randn(M, K, generator=g).to(device)
+    b = torch.randn(E, N, K, generator=g).to(device)
+    if transposed_b:
+        b = b.transpose(1, 2).contiguous().transpose(1, 2)  # same values, N-contiguous storage
+    out = moe_grouped_gemm(a, b, offsets)
+    torch.testing.assert_close(out, moe_grouped_gemm_ref(a.double(), b.double(), offsets).float(), rtol=1e-5,
+                               atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grouped_gemm_one_group_holds_every_row(device):
+    g = torch.Generator().manual_seed(5)
+    M, N, K, E = 97, 41, 23, 6
+    offsets = torch.tensor([0, 0, 0, M, M, M, M], dtype=torch.int32, device=device)
+    a = torch.randn(M, K, generator=g).to(device)
+    b = torch.randn(E, N, K, generator=g).to(device)
+    torch.testing.assert_close(moe_grouped_gemm(a, b, offsets), a @ b[2].t(), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("M,N,K,E,empty", [(53, 37, 19, 5, (1,)), (256, 96, 160, 8, (2, 5))])
+def test_grouped_gemm_bf16_within_reference_error(device, M, N, K, E, empty):
+    g = torch.Generator().manual_seed(M + N)
+    offsets = random_offsets(M, E, generator=g, empty=empty).to(device)
+    a = torch.randn(M, K, generator=g).to(device)
+    b = torch.randn(E, N, K, generator=g).to(device)
+    ab, bb = a.bfloat16(), b.bfloat16()
+    out = moe_grouped_gemm(ab, bb, offsets)
+    assert out.dtype == torch.bfloat16
+    # The oracle sees the same bf16-rounded inputs, in fp32; the bf16 reference shows bf16's own error.
+    ref = moe_grouped_gemm_ref(ab.float(), bb.float(), offsets)
+    assert_close_to_reference(out, ref, moe_grouped_gemm_ref(ab, bb, offsets), atol=1e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("M,N,K,E,empty", [(53, 37, 19, 5, (1, 3)), (0, 8, 6, 3, (0, 1, 2)), (120, 65, 33, 4, ())])
+def test_grouped_gemm_gradients(device, M, N, K, E, empty):
+    g = torch.Generator().manual_seed(M + 3)
+    offsets = random_offsets(M, E, generator=g, empty=empty).to(device) if M else torch.zeros(E + 1, dtype=torch.int32, device=device)
+    a = torch.randn(M, K, generator=g).to(device).requires_grad_()
+    b = torch.randn(E, N, K, generator=g).to(device).requires_grad_()
+    grad = torch.randn(M, N, generator=g).to(device)
+    da, db = torch.autograd.grad(moe_grouped_gemm(a, b, offsets), (a, b), grad)
+    ra = a.detach().double().requires_grad_()
+    rb = b.detach().double().requires_grad_()
+    rda, rdb = torch.autograd.grad(moe_grouped_gemm_ref(ra, rb, offsets), (ra, rb), grad.double())
+    torch.testing.assert_close(da, rda.float(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(db, rdb.float(), rtol=1e-5, atol=1e-4)
+    for e in empty:
+        assert (db[e] == 0).all(), f"expert {e} got no row and must get a zero gradient"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_gemm_wgrad_bf16_and_fp32(device, dtype):
+    g = torch.Generator().manual_seed(11)
+    M, N, K, E = 77, 40, 29, 5
+    offsets = random_offsets(M, E, generator=g, empty=(2,)).to(device)
+    a = torch.randn(M, K, generator=g).to(dtype).to(device)
+    grad = torch.randn(M, N, generator=g).to(dtype).to(device)
+    db = torch.ops.llada.moe_grouped_gemm_wgrad(grad, a, offsets)
+    bounds = offsets.tolist()
+
+    def loop(gr, aa):
+        return torch.stack([gr[bounds[e]:bounds[e + 1]].t() @ aa[bounds[e]:bounds[e + 1]] for e in range(E)])
+
+    assert_close_to_reference(db, loop(grad.float(), a.float()), loop(grad, a), atol=1e-4 if dtype == torch.float32 else 1e-2)
+
+
+def expert_inputs(T, E, k, H, I, *, device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(T, E, generator=g) * 2
+    ids, weights = moe_route_ref(logits, torch.randn(E, generator=g) * 0.2, top_k=k, n_group=1, topk_group=1,
+                                 routed_scaling_factor=2.5)
+    x = torch.randn(T, H, generator=g)
+    w13 = torch.randn(E, 2 * I, H, generator=g) / H**0.5
+    w2 = torch.randn(E, H, I, generator=g) / I**0.5
+    return (x.to(dtype).to(device), ids.to(device), weights.to(device), w13.to(dtype).to(device),
+            w2.to(dtype).to(device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T,E,k,H,I", [(1, 4, 2, 8, 6), (37, 16, 4, 24, 20), (64, 32, 8, 48, 40), (3, 64, 8, 16, 8)])
+def test_experts_match_official_loop(device, T, E, k, H, I):
+    x, ids, weights, w13, w2 = expert_inputs(T, E, k, H, I, device=device, seed=T + E)
+    torch.testing.assert_close(moe_experts(x, ids, weights, w13, w2), moe_experts_ref(x, ids, weights, w13, w2),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_experts_bf16_within_reference_error(device):
+    x, ids, weights, w13, w2 = expert_inputs(64, 16, 4, 64, 48, device=device, seed=1)
+    xb, w13b, w2b = x.bfloat16(), w13.bfloat16(), w2.bfloat16()
+    out = moe_experts(xb, ids, weights, w13b, w2b)
+    ref = moe_experts_ref(xb.float(), ids, weights, w13b.float(), w2b.float())
+    assert_close_to_reference(out, ref, moe_experts_ref(xb, ids, weights, w13b, w2b), atol=1e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_experts_gradients_match_official_loop(device):
+    T, E, k, H, I = 13, 32, 2, 16, 12  # 26 slots over 32 experts: several experts get no token
+    x, ids, weights, w13, w2 = expert_inputs(T, E, k, H, I, device=device, seed=4)
+    grad = torch.randn(T, H, generator=torch.Generator().manual_seed(9)).to(device)
+    inputs = [t.clone().requires_grad_() for t in (x, weights, w13, w2)]
+    out = moe_experts(inputs[0], ids, *inputs[1:])
+    grads = torch.autograd.grad(out, inputs, grad)
+    ref_inputs = [t.clone().double().requires_grad_() for t in (x, weights, w13, w2)]
+    ref = moe_experts_ref(ref_inputs[0], ids, *ref_inputs[1:])
+    ref_grads = torch.autograd.grad(ref, ref_inputs, grad.double())
+    for name, got, want in zip(("x", "topk_weights", "w13", "w2"), grads, ref_grads):
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5, msg=lambda m: f"grad of {name}: {m}")
+    unused = sorted(set(range(E)) - set(ids.flatten().tolist()))
+    assert unused, "the case should leave some experts without tokens"
+    assert (grads[2][unused] == 0).all() and (grads[3][unused] == 0).all()
+
+
+# ---- bad input --------------------------------------------------------------------------------------
+
+def test_route_rejects_bad_configuration():
+    logits, bias = route_inputs(4, 16, device="cpu", seed=0)
+    kw = dict(top_k=4, n_group=4, topk_group=2, routed_scaling_factor=1.0)
+    with pytest.raises(ValueError, match="top_k"):
+        moe_route(logits, bias, **dict(kw, top_k=17))
+    with pytest.raises(ValueError, match="top_k"):
+        moe_route(logits, bias, **dict(kw, top_k=9))  # more than the 2 kept groups of 4 hold
+    with pytest.raises(ValueError, match="n_group"):
+        moe_route(logits, bias, **dict(kw, n_group=3))
+    with pytest.raises(ValueError, match="topk_group"):
+        moe_route(logits, bias, **dict(kw, topk_group=5))
+    with pytest.raises(ValueError, match="expert_bias"):
+        moe_route(logits, bias[:8], **kw)
+    with pytest.raises(TypeError, match="expert_bias"):
+        moe_route(logits, bias.double(), **kw)
+    with pytest.raises(TypeError, match="router_logits"):
+        moe_route(logits.int(), bias, **kw)
+    logits[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        moe_route(logits, bias, **kw)
+
+
+def test_permute_and_unpermute_reject_bad_input():
+    x = torch.randn(5, 4)
+    ids = torch.randint(0, 4, (5, 2), dtype=torch.int32)
+    with pytest.raises(ValueError, match="topk_ids"):
+        moe_permute(x, torch.where(ids == 0, 4, ids), 4)
+    with pytest.raises(ValueError, match="topk_ids"):
+        moe_permute(x, torch.where(ids == 0, -1, ids), 4)
+    with pytest.raises(ValueError, match="topk_ids"):
+        moe_permute(x, ids[:3], 4)
+    with pytest.raises(TypeError, match="topk_ids"):
+        torch.ops.llada.moe_permute(x, ids.float(), 4)
+    _, _, inverse = moe_permute(x, ids, 4)
+    y, w = torch.randn(10, 4), torch.rand(5, 2)
+    with pytest.raises(ValueError, match="inverse"):
+        moe_unpermute(y, torch.where(inverse == 0, 10, inverse), w)
+    with pytest.raises(ValueError, match="inverse"):
+        moe_unpermute(y, inverse[:8], w)
+    with pytest.raises(ValueError, match="y"):
+        moe_unpermute(y[:9], inverse, w)
+    with pytest.raises(TypeError, match="topk_weights"):
+        moe_unpermute(y, inverse, w.double())
+    with pytest.raises(ValueError, match="permutation"):
+        torch.ops.llada.moe_unpermute_backward(torch.randn(5, 4), y, torch.zeros_like(inverse), w)
+
+
+def test_grouped_gemm_rejects_bad_input():
+    a, b = torch.randn(10, 8), torch.randn(3, 5, 8)
+    offsets = torch.tensor([0, 4, 4, 10], dtype=torch.int32)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        moe_grouped_gemm(a, b, torch.tensor([0, 6, 4, 10], dtype=torch.int32))
+    with pytest.raises(ValueError, match="end at M"):
+        moe_grouped_gemm(a, b, torch.tensor([0, 4, 4, 9], dtype=torch.int32))
+    with pytest.raises(ValueError, match="start at 0"):
+        moe_grouped_gemm(a, b, torch.tensor([1, 4, 4, 10], dtype=torch.int32))
+    with pytest.raises(ValueError, match="offsets"):
+        moe_grouped_gemm(a, b, offsets[:3])
+    with pytest.raises(TypeError, match="offsets"):
+        moe_grouped_gemm(a, b, offsets.long())
+    with pytest.raises(ValueError, match="b"):
+        moe_grouped_gemm(a, torch.randn(3, 5, 7), offsets)
+    with pytest.raises(TypeError, match="a and b"):
+        moe_grouped_gemm(a, b.bfloat16(), offsets)
+    with pytest.raises(TypeError, match="a"):
+        moe_grouped_gemm(a.half(), b.half(), offsets)
+    with pytest.raises(ValueError, match="end at M"):
+        torch.ops.llada.moe_grouped_gemm_wgrad(torch.randn(10, 5), a, torch.tensor([0, 4, 11], dtype=torch.int32))
+
+
+def test_experts_rejects_bad_weights():
+    x, ids, weights, w13, w2 = expert_inputs(4, 8, 2, 16, 8, device="cpu")
+    with pytest.raises(ValueError, match="w13"):
+        moe_experts(x, ids, weights, w13[:, :15], w2)
+    with pytest.raises(ValueError, match="w2"):
+        moe_experts(x, ids, weights, w13, w2[:, :, :7])
+
+
+def opcheck_samples(device):
+    """(args, kwargs) samples for torch.library.opcheck of every llada::moe_* op."""
+    g = torch.Generator().manual_seed(0)
+    logits, bias = route_inputs(9, 16, device=device, seed=1)
+    route_kw = dict(top_k=4, n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True)
+    T, E, k, H, N = 9, 5, 2, 12, 7
+    ids = random_ids(T, E, k, generator=g).to(device)
+    x = torch.randn(T, H, generator=g).to(device)
+    x_sorted, offsets, inverse = moe_permute_ref(x, ids, E)
+    weights = torch.rand(T, k, generator=g).to(device)
+    b = torch.randn(E, N, H, generator=g).to(device)
+    grad_c = torch.randn(T * k, N, generator=g).to(device)
+    grad_out = torch.randn(T, H, generator=g).to(device)
+    req = lambda t: t.clone().requires_grad_()  # noqa: E731
+    return {
+        "moe_route": [((logits, bias), route_kw), ((logits.bfloat16(), None), dict(route_kw, norm_topk_prob=False))],
+        "moe_permute": [((x, ids, E), {}), ((req(x), ids, E), {}), ((x.bfloat16(), ids, E), {})],
+        "moe_unpermute": [((x_sorted, inverse, weights), {}), ((req(x_sorted), inverse, req(weights)), {})],
+        "moe_unpermute_backward": [((grad_out, x_sorted, inverse, weights), {})],
+        "moe_grouped_gemm": [((x_sorted, b, offsets), {}), ((req(x_sorted), req(b), offsets), {}),
+                             ((x_sorted.bfloat16(), b.bfloat16(), offsets), {})],
+        "moe_grouped_gemm_wgrad": [((grad_c, x_sorted, offsets), {})],
+    }
