@@ -8,8 +8,10 @@ import torch
 
 from op_testing import DEVICES, registered_llada_ops
 from ops import test_commit_tokens
+from ops import test_block_attention
 
 FAMILIES = [test_commit_tokens]
+FAMILIES += [test_block_attention]
 
 
 def all_samples(device):
