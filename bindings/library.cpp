@@ -31,4 +31,20 @@ TORCH_LIBRARY(llada, m) {
   m.def("moe_grouped_gemm(Tensor a, Tensor b, Tensor offsets) -> Tensor");
   // Weight gradient of moe_grouped_gemm: grad_b[g] = grad_out[rows of g]^T @ a[rows of g], [E, N, K].
   m.def("moe_grouped_gemm_wgrad(Tensor grad_out, Tensor a, Tensor offsets) -> Tensor");
+  // Block attention over packed varlen documents (DESIGN.md §3.1), mask "block_causal" or "bd3":
+  // the output [Tq, Hq, D] and the fp32 log-sum-exp of the scaled masked scores [Tq, Hq].
+  m.def(
+      "block_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+      "int max_seqlen_q, int max_seqlen_k, *, int block_size, str mask, float softmax_scale) "
+      "-> (Tensor out, Tensor lse)");
+  // Gradients dq, dk, dv of block_attention_fwd from dout (and dlse when the lse output is used).
+  m.def(
+      "block_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
+      "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, *, int block_size, "
+      "str mask, float softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+  // Decoding: the current block's queries [B, Lb, Hq, D] against the first cache_seqlens[b] rows of a
+  // contiguous per-sequence cache [B, Smax, Hkv, D] plus the block's own keys, no mask inside the block.
+  m.def(
+      "block_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor k_new, "
+      "Tensor v_new, *, float softmax_scale) -> (Tensor out, Tensor lse)");
 }

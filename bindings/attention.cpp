@@ -1,0 +1,255 @@
+// Bindings of the block-attention family (csrc/attention): validate the tensors (shapes, dtypes,
+// devices, cu_seqlens, mask arguments), fill llada::BlockAttention*Params and call the CPU kernels.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <string>
+#include <tuple>
+
+#include "llada/attention.h"
+
+namespace {
+
+using at::Tensor;
+
+llada::DType attention_dtype(const Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return llada::DType::kFloat32;
+    case at::kBFloat16: return llada::DType::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, op, ": ", name, " must be float32 or bfloat16 on the CPU, got ", t.scalar_type());
+  }
+}
+
+llada::AttentionMask parse_mask(const std::string& mask) {
+  if (mask == "block_causal") return llada::AttentionMask::kBlockCausal;
+  if (mask == "bd3") return llada::AttentionMask::kBd3;
+  TORCH_CHECK_VALUE(false, "block_attention: mask must be \"block_causal\" or \"bd3\", got \"", mask, "\"");
+}
+
+// The last dimension contiguous; rows and heads may be strided (e.g. q, k, v sliced from a fused qkv).
+Tensor unit_last_stride(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
+void check_same_device(const char* op, std::initializer_list<std::pair<const char*, const Tensor*>> tensors) {
+  const auto& first = *tensors.begin();
+  for (const auto& [name, t] : tensors)
+    TORCH_CHECK_VALUE(t->device() == first.second->device(), op, ": ", name, " is on ", t->device(), " but ",
+                      first.first, " is on ", first.second->device());
+}
+
+// Checks one cu_seqlens: int32 [S + 1], 0 first, non-decreasing, `total` last; returns the longest length.
+int64_t check_cu_seqlens(const Tensor& cu, const char* name, int64_t S, int64_t total) {
+  TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, "block_attention: ", name, " must be int32, got ", cu.scalar_type());
+  TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) == S + 1, "block_attention: ", name, " must be [S + 1] = [", S + 1,
+                    "] like cu_seqlens_q, got shape ", cu.sizes());
+  TORCH_CHECK_VALUE(cu.is_contiguous(), "block_attention: ", name, " must be contiguous");
+  const int32_t* c = cu.data_ptr<int32_t>();
+  TORCH_CHECK_VALUE(c[0] == 0, "block_attention: ", name, "[0] must be 0, got ", c[0]);
+  int64_t longest = 0;
+  for (int64_t s = 0; s < S; ++s) {
+    TORCH_CHECK_VALUE(c[s + 1] >= c[s], "block_attention: ", name, " must be non-decreasing, but ", name, "[", s + 1,
+                      "] = ", c[s + 1], " < ", name, "[", s, "] = ", c[s]);
+    longest = std::max<int64_t>(longest, c[s + 1] - c[s]);
+  }
+  TORCH_CHECK_VALUE(c[S] == total, "block_attention: ", name, " must end at the tensor length ", total, ", got ", c[S]);
+  return longest;
+}
+
+llada::BlockAttentionParams make_params(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& cu_seqlens_q,
+                                        const Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k,
+                                        int64_t block_size, const std::string& mask, double softmax_scale) {
+  const char* op = "block_attention";
+  TORCH_CHECK_VALUE(q.dim() == 3, op, ": q must be [Tq, Hq, D], got shape ", q.sizes());
+  TORCH_CHECK_VALUE(k.dim() == 3, op, ": k must be [Tk, Hkv, D], got shape ", k.sizes());
+  TORCH_CHECK_VALUE(v.sizes() == k.sizes(), op, ": v must have the shape of k ", k.sizes(), ", got ", v.sizes());
+  check_same_device(op, {{"q", &q}, {"k", &k}, {"v", &v}, {"cu_seqlens_q", &cu_seqlens_q},
+                         {"cu_seqlens_k", &cu_seqlens_k}});
+  TORCH_CHECK_VALUE(q.is_cpu(), op, ": llada_engine was built without CUDA kernels; q is on ", q.device());
+  const llada::DType dtype = attention_dtype(q, op, "q");
+  TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
+                   ": k and v must have the dtype of q (", q.scalar_type(), "), got ", k.scalar_type(), " and ",
+                   v.scalar_type());
+  const int64_t Hq = q.size(1), Hkv = k.size(1), D = q.size(2);
+  TORCH_CHECK_VALUE(k.size(2) == D, op, ": k must have the head dim of q (", D, "), got ", k.size(2));
+  TORCH_CHECK_VALUE(D >= 1 && Hkv >= 1, op, ": k must have at least one head and D >= 1, got shape ", k.sizes());
+  TORCH_CHECK_VALUE(Hq % Hkv == 0, op, ": the heads of q (", Hq, ") must be a multiple of the heads of k (", Hkv, ")");
+  TORCH_CHECK_VALUE(block_size >= 1, op, ": block_size must be >= 1, got ", block_size);
+  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), op, ": softmax_scale must be finite, got ", softmax_scale);
+  TORCH_CHECK_VALUE(cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) >= 1, op,
+                    ": cu_seqlens_q must be [S + 1] with S >= 0, got shape ", cu_seqlens_q.sizes());
+  const int64_t S = cu_seqlens_q.size(0) - 1;
+  const int64_t longest_q = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", S, q.size(0));
+  const int64_t longest_k = check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", S, k.size(0));
+  TORCH_CHECK_VALUE(max_seqlen_q >= longest_q, op, ": max_seqlen_q (", max_seqlen_q,
+                    ") is below the longest query sequence (", longest_q, ")");
+  TORCH_CHECK_VALUE(max_seqlen_k >= longest_k, op, ": max_seqlen_k (", max_seqlen_k,
+                    ") is below the longest key sequence (", longest_k, ")");
+  const llada::AttentionMask kind = parse_mask(mask);
+  if (kind == llada::AttentionMask::kBd3) {
+    const int32_t* cq = cu_seqlens_q.data_ptr<int32_t>();
+    const int32_t* ck = cu_seqlens_k.data_ptr<int32_t>();
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t lq = cq[s + 1] - cq[s], lk = ck[s + 1] - ck[s];
+      TORCH_CHECK_VALUE(lq == lk && lq % 2 == 0, op, ": mask \"bd3\" needs [x_t | x_0] sequences of even length "
+                        "with equal query and key lengths (cu_seqlens_q, cu_seqlens_k), but sequence ", s,
+                        " has ", lq, " queries and ", lk, " keys");
+    }
+  }
+
+  llada::BlockAttentionParams p;
+  p.q = q.data_ptr();
+  p.k = k.data_ptr();
+  p.v = v.data_ptr();
+  p.dtype = dtype;
+  p.q_row_stride = q.stride(0);
+  p.q_head_stride = q.stride(1);
+  p.k_row_stride = k.stride(0);
+  p.k_head_stride = k.stride(1);
+  p.v_row_stride = v.stride(0);
+  p.v_head_stride = v.stride(1);
+  p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
+  p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
+  p.num_seqs = S;
+  p.max_seqlen_q = max_seqlen_q;
+  p.max_seqlen_k = max_seqlen_k;
+  p.heads_q = Hq;
+  p.heads_kv = Hkv;
+  p.head_dim = D;
+  p.mask = kind;
+  p.block_size = block_size;
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  return p;
+}
+
+void check_status(llada::Status s, const char* op) {
+  TORCH_CHECK(s == llada::Status::kOk, op, ": ", llada::status_string(s));
+}
+
+std::tuple<Tensor, Tensor> block_attention_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
+                                               const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+                                               int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t block_size,
+                                               const std::string& mask, double softmax_scale) {
+  const Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  llada::BlockAttentionParams p =
+      make_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, mask, softmax_scale);
+  Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  check_status(llada::block_attention_fwd_cpu(p), "block_attention");
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> block_attention_bwd(
+    const Tensor& dout, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& out,
+    const Tensor& lse, const std::optional<Tensor>& dlse, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t block_size, const std::string& mask, double softmax_scale) {
+  const char* op = "block_attention_bwd";
+  const Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  llada::BlockAttentionBwdParams p;
+  p.fwd = make_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, mask, softmax_scale);
+  TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), op,
+                    ": dout and out must have the shape of q ", q.sizes(), ", got ", dout.sizes(), " and ", out.sizes());
+  TORCH_CHECK_TYPE(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), op,
+                   ": dout and out must have the dtype of q (", q.scalar_type(), "), got ", dout.scalar_type(), " and ",
+                   out.scalar_type());
+  TORCH_CHECK_TYPE(lse.scalar_type() == at::kFloat, op, ": lse must be float32, got ", lse.scalar_type());
+  TORCH_CHECK_VALUE(lse.dim() == 2 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1), op,
+                    ": lse must be [Tq, Hq] = [", q.size(0), ", ", q.size(1), "], got shape ", lse.sizes());
+  check_same_device(op, {{"q", &q}, {"dout", &dout}, {"out", &out}, {"lse", &lse}});
+  const Tensor dout_c = dout.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous();
+  Tensor dlse_c;
+  if (dlse.has_value()) {
+    TORCH_CHECK_TYPE(dlse->scalar_type() == at::kFloat, op, ": dlse must be float32, got ", dlse->scalar_type());
+    TORCH_CHECK_VALUE(dlse->sizes() == lse.sizes(), op, ": dlse must have the shape of lse ", lse.sizes(), ", got ",
+                      dlse->sizes());
+    check_same_device(op, {{"q", &q}, {"dlse", &*dlse}});
+    dlse_c = dlse->contiguous();
+    p.dlse = dlse_c.data_ptr<float>();
+  }
+  p.fwd.out = const_cast<void*>(out_c.data_ptr());
+  p.fwd.lse = const_cast<float*>(lse_c.data_ptr<float>());
+  p.dout = dout_c.data_ptr();
+  Tensor dq = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor dk = at::empty(k.sizes(), k.options().memory_format(at::MemoryFormat::Contiguous));
+  Tensor dv = at::empty(v.sizes(), v.options().memory_format(at::MemoryFormat::Contiguous));
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  check_status(llada::block_attention_bwd_cpu(p), op);
+  return {dq, dk, dv};
+}
+
+std::tuple<Tensor, Tensor> block_attention_decode(const Tensor& q_in, const Tensor& k_cache_in,
+                                                  const Tensor& v_cache_in, const Tensor& cache_seqlens,
+                                                  const Tensor& k_new_in, const Tensor& v_new_in,
+                                                  double softmax_scale) {
+  const char* op = "block_attention_decode";
+  TORCH_CHECK_VALUE(q_in.dim() == 4, op, ": q must be [B, Lb, Hq, D], got shape ", q_in.sizes());
+  TORCH_CHECK_VALUE(k_cache_in.dim() == 4, op, ": k_cache must be [B, Smax, Hkv, D], got shape ", k_cache_in.sizes());
+  TORCH_CHECK_VALUE(v_cache_in.sizes() == k_cache_in.sizes(), op, ": v_cache must have the shape of k_cache ",
+                    k_cache_in.sizes(), ", got ", v_cache_in.sizes());
+  const int64_t B = q_in.size(0), Lb = q_in.size(1), Hq = q_in.size(2), D = q_in.size(3);
+  const int64_t Smax = k_cache_in.size(1), Hkv = k_cache_in.size(2);
+  TORCH_CHECK_VALUE(k_cache_in.size(0) == B && k_cache_in.size(3) == D, op, ": k_cache must be [B, Smax, Hkv, D] with B = ",
+                    B, " and D = ", D, " as in q, got shape ", k_cache_in.sizes());
+  TORCH_CHECK_VALUE(k_new_in.dim() == 4 && k_new_in.size(0) == B && k_new_in.size(1) == Lb && k_new_in.size(2) == Hkv &&
+                        k_new_in.size(3) == D,
+                    op, ": k_new must be [B, Lb, Hkv, D] = [", B, ", ", Lb, ", ", Hkv, ", ", D, "], got shape ",
+                    k_new_in.sizes());
+  TORCH_CHECK_VALUE(v_new_in.sizes() == k_new_in.sizes(), op, ": v_new must have the shape of k_new ", k_new_in.sizes(),
+                    ", got ", v_new_in.sizes());
+  TORCH_CHECK_VALUE(Hkv >= 1 && D >= 1 && Hq % Hkv == 0, op, ": the heads of q (", Hq,
+                    ") must be a multiple of the heads of k_cache (", Hkv, ")");
+  TORCH_CHECK_TYPE(cache_seqlens.scalar_type() == at::kInt, op, ": cache_seqlens must be int32, got ",
+                   cache_seqlens.scalar_type());
+  TORCH_CHECK_VALUE(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B, op, ": cache_seqlens must be [B] = [", B,
+                    "], got shape ", cache_seqlens.sizes());
+  check_same_device(op, {{"q", &q_in}, {"k_cache", &k_cache_in}, {"v_cache", &v_cache_in},
+                         {"cache_seqlens", &cache_seqlens}, {"k_new", &k_new_in}, {"v_new", &v_new_in}});
+  TORCH_CHECK_VALUE(q_in.is_cpu(), op, ": llada_engine was built without CUDA kernels; q is on ", q_in.device());
+  const llada::DType dtype = attention_dtype(q_in, op, "q");
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"k_cache", &k_cache_in}, {"v_cache", &v_cache_in},
+                                {"k_new", &k_new_in}, {"v_new", &v_new_in}})
+    TORCH_CHECK_TYPE(t->scalar_type() == q_in.scalar_type(), op, ": ", name, " must have the dtype of q (",
+                     q_in.scalar_type(), "), got ", t->scalar_type());
+  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), op, ": softmax_scale must be finite, got ", softmax_scale);
+  const Tensor lens = cache_seqlens.contiguous();
+  const int32_t* l = lens.data_ptr<int32_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK_VALUE(l[b] >= 0 && l[b] <= Smax, op, ": cache_seqlens[", b, "] = ", l[b], " is outside [0, Smax = ",
+                      Smax, "]");
+
+  const Tensor q = q_in.contiguous(), k_cache = k_cache_in.contiguous(), v_cache = v_cache_in.contiguous();
+  const Tensor k_new = k_new_in.contiguous(), v_new = v_new_in.contiguous();
+  Tensor out = at::empty(q.sizes(), q.options());
+  Tensor lse = at::empty({B, Lb, Hq}, q.options().dtype(at::kFloat));
+  llada::BlockAttentionDecodeParams p;
+  p.q = q.data_ptr();
+  p.k_cache = k_cache.data_ptr();
+  p.v_cache = v_cache.data_ptr();
+  p.cache_seqlens = l;
+  p.k_new = k_new.data_ptr();
+  p.v_new = v_new.data_ptr();
+  p.dtype = dtype;
+  p.batch = B;
+  p.block = Lb;
+  p.cache_capacity = Smax;
+  p.heads_q = Hq;
+  p.heads_kv = Hkv;
+  p.head_dim = D;
+  p.softmax_scale = static_cast<float>(softmax_scale);
+  p.out = out.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  check_status(llada::block_attention_decode_cpu(p), op);
+  return {out, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(llada, CPU, m) {
+  m.impl("block_attention_fwd", &block_attention_fwd);
+  m.impl("block_attention_bwd", &block_attention_bwd);
+  m.impl("block_attention_decode", &block_attention_decode);
+}

@@ -1,0 +1,238 @@
+// C++ CPU backward of block attention (DESIGN.md §3.1): dq, dk, dv from dout, the forward's out and
+// lse, recomputing the probabilities tile by tile (FlashAttention-2), with the forward's tile skipping.
+//
+// Two passes, no atomics, deterministic:
+//   A. task (sequence, query tile, query head): delta = rowsum(dout * out) - dlse, then over key tiles
+//      P = exp(S - lse), dP = dO V^T, dS = P (dP - delta), dQ += dS K.
+//   B. task (sequence, key tile, kv head): over the query heads of the group and the query tiles that
+//      see the keys, recompute S^T, P^T, dP^T, dS^T and accumulate dV += P^T dO, dK += dS^T Q.
+// S is computed from scale * q, so dK needs no extra scale and dQ = scale * dS K.
+#include <omp.h>
+
+#include <algorithm>
+#include <utility>
+#include <vector>
+
+#include "attention/block_mask.h"
+#include "attention/cpu_tile.h"
+#include "llada/attention.h"
+
+namespace llada {
+namespace {
+
+using cpu::BK;
+using cpu::BQ;
+using cpu::kNegInf;
+
+struct BwdScratch {
+  explicit BwdScratch(int64_t D)
+      : q(BQ * D), qt(D * BQ), dout(BQ * D), doutt(D * BQ), k(BK * D), kt(D * BK), v(BK * D), vt(D * BK),
+        s(BQ * BK), dp(BQ * BK), acc(std::max(BQ, BK) * D), acc2(BK * D), row(D), lse(BQ), delta(BQ) {}
+  std::vector<float> q, qt;        // [BQ, D], [D, BQ] scaled queries
+  std::vector<float> dout, doutt;  // [BQ, D], [D, BQ]
+  std::vector<float> k, kt;        // [BK, D], [D, BK]
+  std::vector<float> v, vt;        // [BK, D], [D, BK]
+  std::vector<float> s, dp;        // [BQ, BK] (pass A) or [BK, BQ] (pass B)
+  std::vector<float> acc, acc2;    // dQ [BQ, D] (pass A); dK, dV [BK, D] (pass B)
+  std::vector<float> row;          // [D]
+  std::vector<float> lse, delta;   // [BQ]
+  cpu::TileCoords qc, kc;
+};
+
+struct Views {
+  const BlockAttentionBwdParams& p;
+  size_t esize;
+
+  LLADA_CPU_INLINE const char* elem(const void* base, int64_t e) const {
+    return static_cast<const char*>(base) + static_cast<size_t>(e) * esize;
+  }
+  LLADA_CPU_INLINE cpu::Rows q(int64_t row, int64_t h) const {
+    return {elem(p.fwd.q, row * p.fwd.q_row_stride + h * p.fwd.q_head_stride), p.fwd.q_row_stride, p.fwd.dtype};
+  }
+  LLADA_CPU_INLINE cpu::Rows k(int64_t row, int64_t hk) const {
+    return {elem(p.fwd.k, row * p.fwd.k_row_stride + hk * p.fwd.k_head_stride), p.fwd.k_row_stride, p.fwd.dtype};
+  }
+  LLADA_CPU_INLINE cpu::Rows v(int64_t row, int64_t hk) const {
+    return {elem(p.fwd.v, row * p.fwd.v_row_stride + hk * p.fwd.v_head_stride), p.fwd.v_row_stride, p.fwd.dtype};
+  }
+  // Contiguous [T, H, D] tensors (out, dout).
+  LLADA_CPU_INLINE cpu::Rows dense(const void* base, int64_t row, int64_t h) const {
+    return {elem(base, (row * p.fwd.heads_q + h) * p.fwd.head_dim), p.fwd.heads_q * p.fwd.head_dim, p.fwd.dtype};
+  }
+};
+
+// s := dS = P (dP - delta_i) with P = exp(s - lse_i) on the kept entries and 0 elsewhere (s = -inf),
+// for nr query rows of ld keys.
+LLADA_CPU_INLINE void softmax_grad_rows(float* s, const float* dp, int64_t nr, int64_t ld, const float* lse,
+                                        const float* delta) {
+  for (int64_t i = 0; i < nr; ++i) {
+    float* si = s + i * ld;
+    const float* dpi = dp + i * ld;
+    const float di = delta[i];
+    cpu::exp_row(si, ld, lse[i]);
+#pragma omp simd
+    for (int64_t j = 0; j < ld; ++j) si[j] = si[j] * (dpi[j] - di);
+  }
+}
+
+LLADA_CPU_CLONES void dq_task(const BlockAttentionBwdParams& p, BwdScratch& w, float* delta_out, int64_t seq,
+                              int64_t q_tile, int64_t h) {
+  const BlockAttentionParams& f = p.fwd;
+  const Views at{p, cpu::dtype_bytes(f.dtype)};
+  const int64_t D = f.head_dim, Hq = f.heads_q;
+  const int64_t cq = f.cu_seqlens_q[seq], ck = f.cu_seqlens_k[seq];
+  const DocMask dm{f.mask, f.block_size, f.cu_seqlens_q[seq + 1] - cq, f.cu_seqlens_k[seq + 1] - ck};
+  const int64_t q0 = q_tile * BQ, nq = std::min(BQ, dm.len_q - q0);
+  const int64_t hk = h / (Hq / f.heads_kv);
+
+  cpu::load_tile(w.q.data(), at.q(cq + q0, h), nq, nq, D, f.softmax_scale);
+  cpu::load_tile(w.dout.data(), at.dense(p.dout, cq + q0, h), nq, nq, D, 1.0f);
+  const cpu::Rows out = at.dense(f.out, cq + q0, h);
+  for (int64_t i = 0; i < nq; ++i) {
+    cpu::load_row(w.row.data(), out.row(i), f.dtype, D, 1.0f);
+    const float* di = w.dout.data() + i * D;
+    float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+    for (int64_t d = 0; d < D; ++d) dot += di[d] * w.row[d];
+    const int64_t t = (cq + q0 + i) * Hq + h;
+    w.delta[i] = dot - (p.dlse ? p.dlse[t] : 0.0f);
+    w.lse[i] = f.lse[t];
+    delta_out[t] = w.delta[i];
+  }
+  cpu::query_coords(w.qc, dm, q0, nq);
+  std::fill(w.acc.begin(), w.acc.begin() + nq * D, 0.0f);
+
+  const RowRange keys = key_range(dm, q0, q0 + nq);
+  for (int64_t k0 = (keys.begin / BK) * BK; k0 < keys.end; k0 += BK) {
+    const int64_t nk = std::min(BK, dm.len_k - k0);
+    const TileKind kind = classify_tile(dm, q0, q0 + nq, k0, k0 + nk);
+    if (kind == TileKind::kSkip) continue;
+    const cpu::Rows k = at.k(ck + k0, hk), v = at.v(ck + k0, hk);
+    cpu::load_tile(w.k.data(), k, nk, BK, D, 1.0f);
+    cpu::load_tile_transposed(w.kt.data(), BK, k, nk, D, 1.0f, w.row.data());
+    cpu::load_tile_transposed(w.vt.data(), BK, v, nk, D, 1.0f, w.row.data());
+    float* s = w.s.data();
+    cpu::gemm<false>(nq, BK, D, w.q.data(), D, w.kt.data(), BK, s, BK);             // S = Q K^T
+    cpu::gemm<false>(nq, BK, D, w.dout.data(), D, w.vt.data(), BK, w.dp.data(), BK);  // dP = dO V^T
+    if (kind == TileKind::kPartial) cpu::key_coords(w.kc, dm, k0, nk);
+    for (int64_t i = 0; i < nq; ++i) {
+      float* si = s + i * BK;
+      if (kind == TileKind::kPartial) cpu::mask_row(si, f.mask, w.qc.block[i], w.qc.clean[i], w.kc, nk);
+      for (int64_t j = nk; j < BK; ++j) si[j] = kNegInf;
+    }
+    softmax_grad_rows(s, w.dp.data(), nq, BK, w.lse.data(), w.delta.data());
+    cpu::gemm<true>(nq, D, BK, s, BK, w.k.data(), D, w.acc.data(), D);  // dQ += dS K
+  }
+  char* dq = static_cast<char*>(p.dq) + static_cast<size_t>(((cq + q0) * Hq + h) * D) * at.esize;
+  for (int64_t i = 0; i < nq; ++i) {
+    float* ai = w.acc.data() + i * D;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) ai[d] *= f.softmax_scale;
+    cpu::store_row(dq + static_cast<size_t>(i * Hq * D) * at.esize, ai, f.dtype, D);
+  }
+}
+
+LLADA_CPU_CLONES void dkv_task(const BlockAttentionBwdParams& p, BwdScratch& w, const float* delta, int64_t seq,
+                               int64_t k_tile, int64_t hk) {
+  const BlockAttentionParams& f = p.fwd;
+  const Views at{p, cpu::dtype_bytes(f.dtype)};
+  const int64_t D = f.head_dim, Hq = f.heads_q, group = Hq / f.heads_kv;
+  const int64_t cq = f.cu_seqlens_q[seq], ck = f.cu_seqlens_k[seq];
+  const DocMask dm{f.mask, f.block_size, f.cu_seqlens_q[seq + 1] - cq, f.cu_seqlens_k[seq + 1] - ck};
+  const int64_t k0 = k_tile * BK, nk = std::min(BK, dm.len_k - k0);
+
+  cpu::load_tile(w.k.data(), at.k(ck + k0, hk), nk, nk, D, 1.0f);
+  cpu::load_tile(w.v.data(), at.v(ck + k0, hk), nk, nk, D, 1.0f);
+  cpu::key_coords(w.kc, dm, k0, nk);
+  float* dk = w.acc.data();
+  float* dv = w.acc2.data();
+  std::fill(dk, dk + nk * D, 0.0f);
+  std::fill(dv, dv + nk * D, 0.0f);
+
+  const RowRange rows = query_range(dm, k0, k0 + nk);
+  for (int64_t q0 = (rows.begin / BQ) * BQ; q0 < rows.end; q0 += BQ) {
+    const int64_t nq = std::min(BQ, dm.len_q - q0);
+    const TileKind kind = classify_tile(dm, q0, q0 + nq, k0, k0 + nk);
+    if (kind == TileKind::kSkip) continue;
+    cpu::query_coords(w.qc, dm, q0, nq);
+    for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+      const cpu::Rows q = at.q(cq + q0, h), dout = at.dense(p.dout, cq + q0, h);
+      cpu::load_tile(w.q.data(), q, nq, BQ, D, f.softmax_scale);
+      cpu::load_tile_transposed(w.qt.data(), BQ, q, nq, D, f.softmax_scale, w.row.data());
+      cpu::load_tile(w.dout.data(), dout, nq, BQ, D, 1.0f);
+      cpu::load_tile_transposed(w.doutt.data(), BQ, dout, nq, D, 1.0f, w.row.data());
+      for (int64_t i = 0; i < nq; ++i) {
+        w.lse[i] = f.lse[(cq + q0 + i) * Hq + h];
+        w.delta[i] = delta[(cq + q0 + i) * Hq + h];
+      }
+      float* st = w.s.data();  // [nk, BQ]
+      float* dpt = w.dp.data();
+      cpu::gemm<false>(nk, BQ, D, w.k.data(), D, w.qt.data(), BQ, st, BQ);      // S^T = K Q^T
+      cpu::gemm<false>(nk, BQ, D, w.v.data(), D, w.doutt.data(), BQ, dpt, BQ);  // dP^T = V dO^T
+      for (int64_t j = 0; j < nk; ++j) {
+        float* sj = st + j * BQ;
+        float* dj = dpt + j * BQ;
+        const int32_t kb = w.kc.block[j];
+        const bool kcl = w.kc.clean[j];
+        for (int64_t i = 0; i < BQ; ++i) {
+          const bool keep = i < nq && (kind == TileKind::kFull ||
+                                       coords_keep(f.mask, MaskCoord{w.qc.block[i], w.qc.clean[i]}, MaskCoord{kb, kcl}));
+          sj[i] = keep ? sj[i] : kNegInf;
+        }
+#pragma omp simd
+        for (int64_t i = 0; i < nq; ++i) {
+          const float e = exp_nonpositive(sj[i] - w.lse[i]);
+          const float pr = sj[i] == kNegInf ? 0.0f : e;
+          sj[i] = pr;
+          dj[i] = pr * (dj[i] - w.delta[i]);
+        }
+        for (int64_t i = nq; i < BQ; ++i) sj[i] = dj[i] = 0.0f;
+      }
+      cpu::gemm<true>(nk, D, BQ, st, BQ, w.dout.data(), D, dv, D);  // dV += P^T dO
+      cpu::gemm<true>(nk, D, BQ, dpt, BQ, w.q.data(), D, dk, D);    // dK += dS^T Q
+    }
+  }
+  const int64_t Hkv = f.heads_kv;
+  char* dk_out = static_cast<char*>(p.dk) + static_cast<size_t>(((ck + k0) * Hkv + hk) * D) * at.esize;
+  char* dv_out = static_cast<char*>(p.dv) + static_cast<size_t>(((ck + k0) * Hkv + hk) * D) * at.esize;
+  for (int64_t j = 0; j < nk; ++j) {
+    cpu::store_row(dk_out + static_cast<size_t>(j * Hkv * D) * at.esize, dk + j * D, f.dtype, D);
+    cpu::store_row(dv_out + static_cast<size_t>(j * Hkv * D) * at.esize, dv + j * D, f.dtype, D);
+  }
+}
+
+}  // namespace
+
+Status block_attention_bwd_cpu(const BlockAttentionBwdParams& p) {
+  const BlockAttentionParams& f = p.fwd;
+  if (f.dtype == DType::kFloat16 || f.block_size < 1 || f.heads_kv < 1 || f.heads_q % f.heads_kv != 0)
+    return Status::kBadArgument;
+  std::vector<std::pair<int64_t, int64_t>> q_tiles, k_tiles;  // (sequence, tile)
+  for (int64_t s = 0; s < f.num_seqs; ++s) {
+    const int64_t len_q = f.cu_seqlens_q[s + 1] - f.cu_seqlens_q[s];
+    const int64_t len_k = f.cu_seqlens_k[s + 1] - f.cu_seqlens_k[s];
+    for (int64_t t = 0; t * BQ < len_q; ++t) q_tiles.emplace_back(s, t);
+    for (int64_t t = 0; t * BK < len_k; ++t) k_tiles.emplace_back(s, t);
+  }
+  const int64_t Tq = f.num_seqs > 0 ? f.cu_seqlens_q[f.num_seqs] : 0;
+  std::vector<float> delta(static_cast<size_t>(Tq * f.heads_q));  // [Tq, Hq]
+  const int64_t a_tasks = static_cast<int64_t>(q_tiles.size()) * f.heads_q;
+  const int64_t b_tasks = static_cast<int64_t>(k_tiles.size()) * f.heads_kv;
+#pragma omp parallel
+  {
+    BwdScratch w(f.head_dim);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < a_tasks; ++task) {
+      const auto& [s, t] = q_tiles[task / f.heads_q];
+      dq_task(p, w, delta.data(), s, t, task % f.heads_q);
+    }
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < b_tasks; ++task) {
+      const auto& [s, t] = k_tiles[task / f.heads_kv];
+      dkv_task(p, w, delta.data(), s, t, task % f.heads_kv);
+    }
+  }
+  return Status::kOk;
+}
+
+}  // namespace llada

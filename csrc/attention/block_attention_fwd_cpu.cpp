@@ -1,0 +1,193 @@
+// C++ CPU forward of block attention (DESIGN.md §3.1): the varlen document-masked forward and the
+// decode-time form against a contiguous per-sequence cache.
+//
+// One task is (sequence, query tile of BQ rows, query head). It keeps the tile's output, running max
+// and running sum in fp32 and walks the key tiles of the sequence with an online softmax
+// (FlashAttention-2): key tiles the mask removes are skipped, full tiles run without the mask,
+// partial tiles compare mask coordinates per element. Memory is O(threads x tile), never O(T^2).
+#include <omp.h>
+
+#include <utility>
+#include <vector>
+
+#include "attention/block_mask.h"
+#include "attention/cpu_tile.h"
+#include "llada/attention.h"
+
+namespace llada {
+namespace {
+
+using cpu::BK;
+using cpu::BQ;
+using cpu::kNegInf;
+
+// Per-thread buffers of one query tile.
+struct FwdScratch {
+  explicit FwdScratch(int64_t D)
+      : q(BQ * D), o(BQ * D), s(BQ * BK), kt(D * BK), v(BK * D), row(D), m(BQ), l(BQ) {}
+  std::vector<float> q;   // [BQ, D] scaled queries
+  std::vector<float> o;   // [BQ, D] unnormalised output
+  std::vector<float> s;   // [BQ, BK] scores, then probabilities
+  std::vector<float> kt;  // [D, BK] keys, transposed
+  std::vector<float> v;   // [BK, D]
+  std::vector<float> row;  // [D]
+  std::vector<float> m;   // [BQ] running max of the scaled scores
+  std::vector<float> l;   // [BQ] running sum of exp(score - m)
+  cpu::TileCoords qc, kc;
+};
+
+// The online-softmax state of one query tile of nq rows.
+struct OnlineTile {
+  FwdScratch& w;
+  int64_t nq;
+  int64_t D;
+
+  LLADA_CPU_INLINE void begin(const cpu::Rows& q, float scale) {
+    cpu::load_tile(w.q.data(), q, nq, nq, D, scale);
+    std::fill(w.o.begin(), w.o.begin() + nq * D, 0.0f);
+    std::fill(w.m.begin(), w.m.begin() + nq, kNegInf);
+    std::fill(w.l.begin(), w.l.begin() + nq, 0.0f);
+  }
+
+  // Folds in nk keys / values; with `mask` set, w.qc / w.kc hold the coordinates of a partial tile.
+  LLADA_CPU_INLINE void add(const cpu::Rows& k, const cpu::Rows& v, int64_t nk, const AttentionMask* mask) {
+    cpu::load_tile_transposed(w.kt.data(), BK, k, nk, D, 1.0f, w.row.data());
+    cpu::load_tile(w.v.data(), v, nk, BK, D, 1.0f);
+    float* s = w.s.data();
+    cpu::gemm<false>(nq, BK, D, w.q.data(), D, w.kt.data(), BK, s, BK);  // [nq, BK] = Q K^T
+    for (int64_t i = 0; i < nq; ++i) {
+      float* si = s + i * BK;
+      if (mask) cpu::mask_row(si, *mask, w.qc.block[i], w.qc.clean[i], w.kc, nk);
+      for (int64_t j = nk; j < BK; ++j) si[j] = kNegInf;
+      const float m_new = std::max(w.m[i], cpu::max_row(si, nk));
+      if (m_new == kNegInf) {  // nothing visible yet in this row
+        std::fill(si, si + BK, 0.0f);
+        continue;
+      }
+      const float alpha = exp_nonpositive(w.m[i] - m_new);
+      const float alpha_or_zero = w.m[i] == kNegInf ? 0.0f : alpha;
+      w.l[i] = w.l[i] * alpha_or_zero + cpu::exp_row(si, BK, m_new);
+      w.m[i] = m_new;
+      if (alpha_or_zero != 1.0f) {
+        float* oi = w.o.data() + i * D;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) oi[d] *= alpha_or_zero;
+      }
+    }
+    cpu::gemm<true>(nq, D, BK, s, BK, w.v.data(), D, w.o.data(), D);  // O += P V
+  }
+
+  // out rows [nq, D] of `dtype` at out_row_stride; lse at lse_stride. Rows that saw no key get 0, -inf.
+  LLADA_CPU_INLINE void finish(char* out, int64_t out_row_stride, DType dtype, float* lse, int64_t lse_stride) {
+    for (int64_t i = 0; i < nq; ++i) {
+      float* oi = w.o.data() + i * D;
+      const float l = w.l[i];
+      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) oi[d] *= inv;
+      cpu::store_row(out + static_cast<size_t>(i * out_row_stride) * cpu::dtype_bytes(dtype), oi, dtype, D);
+      lse[i * lse_stride] = l > 0.0f ? w.m[i] + std::log(l) : kNegInf;
+    }
+  }
+};
+
+LLADA_CPU_CLONES void forward_task(const BlockAttentionParams& p, FwdScratch& w, int64_t seq, int64_t q_tile,
+                                   int64_t h) {
+  const int64_t D = p.head_dim;
+  const int64_t cq = p.cu_seqlens_q[seq], ck = p.cu_seqlens_k[seq];
+  const DocMask dm{p.mask, p.block_size, p.cu_seqlens_q[seq + 1] - cq, p.cu_seqlens_k[seq + 1] - ck};
+  const int64_t q0 = q_tile * BQ;
+  const int64_t nq = std::min(BQ, dm.len_q - q0);
+  const int64_t hk = h / (p.heads_q / p.heads_kv);
+  const size_t esize = cpu::dtype_bytes(p.dtype);
+
+  const cpu::Rows q{static_cast<const char*>(p.q) + static_cast<size_t>((cq + q0) * p.q_row_stride + h * p.q_head_stride) * esize,
+                    p.q_row_stride, p.dtype};
+  OnlineTile tile{w, nq, D};
+  tile.begin(q, p.softmax_scale);
+  cpu::query_coords(w.qc, dm, q0, nq);
+
+  const RowRange keys = key_range(dm, q0, q0 + nq);
+  for (int64_t k0 = (keys.begin / BK) * BK; k0 < keys.end; k0 += BK) {
+    const int64_t nk = std::min(BK, dm.len_k - k0);
+    const TileKind kind = classify_tile(dm, q0, q0 + nq, k0, k0 + nk);
+    if (kind == TileKind::kSkip) continue;
+    if (kind == TileKind::kPartial) cpu::key_coords(w.kc, dm, k0, nk);
+    const cpu::Rows k{static_cast<const char*>(p.k) + static_cast<size_t>((ck + k0) * p.k_row_stride + hk * p.k_head_stride) * esize,
+                      p.k_row_stride, p.dtype};
+    const cpu::Rows v{static_cast<const char*>(p.v) + static_cast<size_t>((ck + k0) * p.v_row_stride + hk * p.v_head_stride) * esize,
+                      p.v_row_stride, p.dtype};
+    tile.add(k, v, nk, kind == TileKind::kPartial ? &p.mask : nullptr);
+  }
+  char* out = static_cast<char*>(p.out) + static_cast<size_t>(((cq + q0) * p.heads_q + h) * D) * esize;
+  tile.finish(out, p.heads_q * D, p.dtype, p.lse + (cq + q0) * p.heads_q + h, p.heads_q);
+}
+
+LLADA_CPU_CLONES void decode_task(const BlockAttentionDecodeParams& p, FwdScratch& w, int64_t b, int64_t q_tile,
+                                  int64_t h) {
+  const int64_t D = p.head_dim, Lb = p.block, Hq = p.heads_q, Hkv = p.heads_kv;
+  const int64_t q0 = q_tile * BQ;
+  const int64_t nq = std::min(BQ, Lb - q0);
+  const int64_t hk = h / (Hq / Hkv);
+  const size_t esize = cpu::dtype_bytes(p.dtype);
+  const auto at = [esize](const void* base, int64_t element) {
+    return static_cast<const char*>(base) + static_cast<size_t>(element) * esize;
+  };
+
+  OnlineTile tile{w, nq, D};
+  tile.begin(cpu::Rows{at(p.q, ((b * Lb + q0) * Hq + h) * D), Hq * D, p.dtype}, p.softmax_scale);
+  const int64_t cached = p.cache_seqlens[b];
+  for (int64_t k0 = 0; k0 < cached; k0 += BK) {
+    const int64_t row0 = (b * p.cache_capacity + k0) * Hkv + hk;
+    tile.add(cpu::Rows{at(p.k_cache, row0 * D), Hkv * D, p.dtype}, cpu::Rows{at(p.v_cache, row0 * D), Hkv * D, p.dtype},
+             std::min(BK, cached - k0), nullptr);
+  }
+  for (int64_t k0 = 0; k0 < Lb; k0 += BK) {
+    const int64_t row0 = (b * Lb + k0) * Hkv + hk;
+    tile.add(cpu::Rows{at(p.k_new, row0 * D), Hkv * D, p.dtype}, cpu::Rows{at(p.v_new, row0 * D), Hkv * D, p.dtype},
+             std::min(BK, Lb - k0), nullptr);
+  }
+  char* out = static_cast<char*>(p.out) + static_cast<size_t>(((b * Lb + q0) * Hq + h) * D) * esize;
+  tile.finish(out, Hq * D, p.dtype, p.lse + (b * Lb + q0) * Hq + h, Hq);
+}
+
+}  // namespace
+
+Status block_attention_fwd_cpu(const BlockAttentionParams& p) {
+  if (p.dtype == DType::kFloat16 || p.block_size < 1 || p.heads_kv < 1 || p.heads_q % p.heads_kv != 0)
+    return Status::kBadArgument;
+  std::vector<std::pair<int64_t, int64_t>> tiles;  // (sequence, query tile)
+  for (int64_t s = 0; s < p.num_seqs; ++s) {
+    const int64_t len_q = p.cu_seqlens_q[s + 1] - p.cu_seqlens_q[s];
+    for (int64_t t = 0; t * BQ < len_q; ++t) tiles.emplace_back(s, t);
+  }
+  const int64_t tasks = static_cast<int64_t>(tiles.size()) * p.heads_q;
+#pragma omp parallel if (tasks > 1)
+  {
+    FwdScratch w(p.head_dim);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const auto& [s, t] = tiles[task / p.heads_q];
+      forward_task(p, w, s, t, task % p.heads_q);
+    }
+  }
+  return Status::kOk;
+}
+
+Status block_attention_decode_cpu(const BlockAttentionDecodeParams& p) {
+  if (p.dtype == DType::kFloat16 || p.heads_kv < 1 || p.heads_q % p.heads_kv != 0) return Status::kBadArgument;
+  const int64_t q_tiles = (p.block + BQ - 1) / BQ;
+  const int64_t tasks = p.batch * q_tiles * p.heads_q;
+#pragma omp parallel if (tasks > 1)
+  {
+    FwdScratch w(p.head_dim);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t h = task % p.heads_q, t = (task / p.heads_q) % q_tiles, b = task / (p.heads_q * q_tiles);
+      decode_task(p, w, b, t, h);
+    }
+  }
+  return Status::kOk;
+}
+
+}  // namespace llada

@@ -1,0 +1,81 @@
+// Varlen document-masked block attention (DESIGN.md §3.1): the torch-free interface of the
+// `block_attention` op family.
+//
+// Packed layout without padding: sequence s owns query rows cu_seqlens_q[s]..cu_seqlens_q[s+1] and key
+// rows cu_seqlens_k[s]..cu_seqlens_k[s+1]; nothing attends across sequences. Hq query heads share
+// Hkv key/value heads (GQA: query head h reads key head h / (Hq / Hkv)). Rows are strided, the head
+// dimension D is contiguous. Softmax statistics and every accumulation are fp32.
+//
+// Shapes: Tq/Tk packed tokens, S sequences, Hq/Hkv heads, D head dim, B batch, Lb block, Smax cache rows.
+#pragma once
+
+#include <cstdint>
+
+#include "llada/dtype.h"
+#include "llada/status.h"
+
+namespace llada {
+
+enum class AttentionMask : int {
+  kBlockCausal = 0,  // bottom-right aligned: k visible iff blk(k_pos) <= blk(q_pos), q_pos = i + len_k - len_q
+  kBd3 = 1,          // [x_t | x_0] block-diffusion training layout (len_q == len_k == 2n)
+};
+
+// Forward: out = softmax(scale * q k^T + mask) v and lse = log-sum-exp of the masked scaled scores.
+// A query that sees no key gets out = 0 and lse = -inf.
+struct BlockAttentionParams {
+  const void* q = nullptr;  // [Tq, Hq, D]
+  const void* k = nullptr;  // [Tk, Hkv, D]
+  const void* v = nullptr;  // [Tk, Hkv, D]
+  DType dtype = DType::kFloat32;  // of q, k, v and out
+  int64_t q_row_stride = 0, q_head_stride = 0;  // in elements
+  int64_t k_row_stride = 0, k_head_stride = 0;
+  int64_t v_row_stride = 0, v_head_stride = 0;
+  const int32_t* cu_seqlens_q = nullptr;  // [S + 1]
+  const int32_t* cu_seqlens_k = nullptr;  // [S + 1]
+  int64_t num_seqs = 0;                   // S
+  int64_t max_seqlen_q = 0, max_seqlen_k = 0;
+  int64_t heads_q = 0, heads_kv = 0, head_dim = 0;
+  AttentionMask mask = AttentionMask::kBlockCausal;
+  int64_t block_size = 1;
+  float softmax_scale = 1.0f;
+
+  void* out = nullptr;    // [Tq, Hq, D] contiguous, of dtype
+  float* lse = nullptr;   // [Tq, Hq] contiguous
+};
+
+// Backward of the forward above. `out`, `dout`, `dq`, `dk`, `dv` are contiguous and of `dtype`.
+// dlse (optional, nullptr when the lse output carries no gradient) adds d lse / d scores = P to dS.
+struct BlockAttentionBwdParams {
+  BlockAttentionParams fwd;        // inputs, strides, mask; fwd.out and fwd.lse are read here
+  const void* dout = nullptr;      // [Tq, Hq, D]
+  const float* dlse = nullptr;     // [Tq, Hq] or nullptr
+  void* dq = nullptr;              // [Tq, Hq, D]
+  void* dk = nullptr;              // [Tk, Hkv, D]
+  void* dv = nullptr;              // [Tk, Hkv, D]
+};
+
+// Decoding with a contiguous per-sequence cache: the Lb queries of sequence b see the first
+// cache_seqlens[b] rows of its cache and all Lb new keys, without a mask inside the block.
+struct BlockAttentionDecodeParams {
+  const void* q = nullptr;        // [B, Lb, Hq, D] contiguous
+  const void* k_cache = nullptr;  // [B, Smax, Hkv, D] contiguous
+  const void* v_cache = nullptr;  // [B, Smax, Hkv, D] contiguous
+  const int32_t* cache_seqlens = nullptr;  // [B], each in [0, Smax]
+  const void* k_new = nullptr;    // [B, Lb, Hkv, D] contiguous
+  const void* v_new = nullptr;    // [B, Lb, Hkv, D] contiguous
+  DType dtype = DType::kFloat32;
+  int64_t batch = 0, block = 0, cache_capacity = 0;  // B, Lb, Smax
+  int64_t heads_q = 0, heads_kv = 0, head_dim = 0;
+  float softmax_scale = 1.0f;
+
+  void* out = nullptr;   // [B, Lb, Hq, D] contiguous, of dtype
+  float* lse = nullptr;  // [B, Lb, Hq]
+};
+
+// C++ CPU kernels (OpenMP over sequence x query tile x head). fp32 and bf16; any D.
+Status block_attention_fwd_cpu(const BlockAttentionParams& p);
+Status block_attention_bwd_cpu(const BlockAttentionBwdParams& p);
+Status block_attention_decode_cpu(const BlockAttentionDecodeParams& p);
+
+}  // namespace llada

@@ -1,0 +1,174 @@
+"""Varlen document-masked block attention (DESIGN.md §3.1): the attention of prefill, decoding and
+block-diffusion training.
+
+    block_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, block_size,
+                    mask="block_causal", softmax_scale=None, return_lse=False) -> out [, lse]
+    block_attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, *, softmax_scale=None,
+                           return_lse=False) -> out [, lse]
+    block_attention_ref / block_attention_decode_ref   # dense-mask SDPA per document: oracle and baseline
+    block_mask_dense(mask, block_size, len_q, len_k)   # the mask of one document as a bool matrix
+
+Packed layout (T tokens, S sequences): q [Tq, Hq, D], k and v [Tk, Hkv, D], cu_seqlens_q/k int32 [S + 1];
+each sequence is one document and nothing attends across documents; Hq is a multiple of Hkv (GQA).
+lse is fp32 [Tq, Hq]. A query that sees no key gets out = 0 and lse = -inf.
+Masks (pos = position in its sequence, blk(p) = p // block_size):
+  block_causal  queries bottom-right aligned (q_pos = i + len_k - len_q); k visible iff blk(k_pos) <= blk(q_pos).
+  bd3           each sequence is [x_t | x_0] of n + n tokens, blocks counted within each half: a noisy query
+                sees the noisy keys of its own block and the clean keys of strictly earlier blocks; a clean
+                query sees the clean keys of its own and earlier blocks, never a noisy key.
+block_attention is differentiable in q, k and v (and through lse). The decode form: the current block of
+every sequence, q / k_new / v_new [B, Lb, H, D], sees the first cache_seqlens[b] rows of its contiguous
+cache [B, Smax, Hkv, D] and all Lb new keys (no mask inside the block); nothing is copied into the cache.
+"""
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .._extension import kernels_available, require_kernels
+
+MASKS = ("block_causal", "bd3")
+
+
+def _softmax_scale(softmax_scale: Optional[float], q: torch.Tensor) -> float:
+    return float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+
+
+def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                    cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, block_size: int,
+                    mask: str = "block_causal", softmax_scale: Optional[float] = None, return_lse: bool = False):
+    """Block attention over packed documents (see the module doc): out [Tq, Hq, D] (and lse [Tq, Hq])."""
+    require_kernels("block_attention")
+    out, lse = torch.ops.llada.block_attention_fwd(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size=block_size, mask=mask,
+        softmax_scale=_softmax_scale(softmax_scale, q))
+    return (out, lse) if return_lse else out
+
+
+def block_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           cache_seqlens: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, *,
+                           softmax_scale: Optional[float] = None, return_lse: bool = False):
+    """The current block against a contiguous cache (see the module doc): out [B, Lb, Hq, D] (and lse)."""
+    require_kernels("block_attention_decode")
+    out, lse = torch.ops.llada.block_attention_decode(
+        q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale=_softmax_scale(softmax_scale, q))
+    return (out, lse) if return_lse else out
+
+
+def block_mask_dense(mask: str, block_size: int, len_q: int, len_k: int, device=None) -> torch.Tensor:
+    """The mask of one document: bool [len_q, len_k], True where query i sees key j."""
+    if mask not in MASKS:
+        raise ValueError(f'block_attention: mask must be "block_causal" or "bd3", got "{mask}"')
+    if block_size < 1:
+        raise ValueError(f"block_attention: block_size must be >= 1, got {block_size}")
+    i = torch.arange(len_q, device=device)[:, None]
+    j = torch.arange(len_k, device=device)[None, :]
+    if mask == "block_causal":
+        return j.div(block_size, rounding_mode="floor") <= (i + len_k - len_q).div(block_size, rounding_mode="floor")
+    if len_q != len_k or len_q % 2:
+        raise ValueError(f'block_attention: mask "bd3" needs [x_t | x_0] sequences of even length with equal query '
+                         f"and key lengths, got {len_q} queries and {len_k} keys")
+    n = len_q // 2
+    q_clean, k_clean = i >= n, j >= n
+    bq = (i - n * q_clean) // block_size
+    bk = (j - n * k_clean) // block_size
+    return torch.where(q_clean, k_clean & (bk <= bq), torch.where(k_clean, bk < bq, bk == bq))
+
+
+def _attend_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor, scale: float,
+                  return_lse: bool):
+    """q [Hq, Lq, D], k/v [Hkv, Lk, D], keep bool [Lq, Lk] -> out [Lq, Hq, D], lse [Lq, Hq] or None."""
+    group = q.shape[0] // k.shape[0]
+    k = k.repeat_interleave(group, 0)
+    v = v.repeat_interleave(group, 0)
+    seen = keep.any(-1)                                             # [Lq]
+    # Rows that see no key attend to everything inside SDPA (no NaN) and are zeroed after.
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep | ~seen[:, None], scale=scale)
+    out = torch.where(seen[None, :, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+    lse = None
+    if return_lse:
+        acc = torch.promote_types(q.dtype, torch.float32)
+        scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale  # [Hq, Lq, Lk]
+        lse = torch.logsumexp(scores.masked_fill(~keep, float("-inf")), -1).transpose(0, 1)
+    return out.transpose(0, 1), lse
+
+
+def block_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                        cu_seqlens_k: torch.Tensor, max_seqlen_q: Optional[int] = None,
+                        max_seqlen_k: Optional[int] = None, *, block_size: int, mask: str = "block_causal",
+                        softmax_scale: Optional[float] = None, return_lse: bool = False):
+    """Pure-PyTorch reference of block_attention: SDPA per document over its dense boolean mask, in the
+    inputs' dtype (fp32 or fp64 for an oracle); differentiable through torch autograd. lse is computed in
+    at least fp32."""
+    scale = _softmax_scale(softmax_scale, q)
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    outs, lses = [], []
+    for s in range(len(cq) - 1):
+        len_q, len_k = cq[s + 1] - cq[s], ck[s + 1] - ck[s]
+        keep = block_mask_dense(mask, block_size, len_q, len_k, device=q.device)
+        if len_q == 0:
+            continue
+        if len_k == 0:
+            outs.append(q.new_zeros(len_q, q.shape[1], v.shape[2]))
+            lses.append(torch.full((len_q, q.shape[1]), float("-inf"), device=q.device))
+            continue
+        out, lse = _attend_dense(q[cq[s]:cq[s + 1]].transpose(0, 1), k[ck[s]:ck[s + 1]].transpose(0, 1),
+                                 v[ck[s]:ck[s + 1]].transpose(0, 1), keep, scale, return_lse)
+        outs.append(out)
+        lses.append(lse)
+    out = torch.cat(outs) if outs else q.new_empty(0, q.shape[1], v.shape[2])
+    if not return_lse:
+        return out
+    lse = torch.cat(lses) if lses else torch.empty(0, q.shape[1], device=q.device)
+    return out, lse
+
+
+def block_attention_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               cache_seqlens: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, *,
+                               softmax_scale: Optional[float] = None, return_lse: bool = False):
+    """Pure-PyTorch reference of block_attention_decode: per sequence, SDPA over cache[:len] + new keys."""
+    scale = _softmax_scale(softmax_scale, q)
+    outs, lses = [], []
+    for b, cached in enumerate(cache_seqlens.tolist()):
+        keys = torch.cat([k_cache[b, :cached], k_new[b]]).transpose(0, 1)
+        values = torch.cat([v_cache[b, :cached], v_new[b]]).transpose(0, 1)
+        keep = torch.ones(q.shape[1], keys.shape[1], dtype=torch.bool, device=q.device)
+        out, lse = _attend_dense(q[b].transpose(0, 1), keys, values, keep, scale, return_lse)
+        outs.append(out)
+        lses.append(lse)
+    out = torch.stack(outs)
+    return (out, torch.stack(lses)) if return_lse else out
+
+
+if kernels_available():
+    @torch.library.register_fake("llada::block_attention_fwd")
+    def _block_attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, block_size,
+                                  mask, softmax_scale):
+        return (q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32))
+
+    @torch.library.register_fake("llada::block_attention_bwd")
+    def _block_attention_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                  max_seqlen_k, *, block_size, mask, softmax_scale):
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+    @torch.library.register_fake("llada::block_attention_decode")
+    def _block_attention_decode_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, *, softmax_scale):
+        return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+    def _setup_context(ctx, inputs, keyword_only_inputs, output):
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+        ctx.max_seqlen = (max_seqlen_q, max_seqlen_k)
+        ctx.options = keyword_only_inputs
+
+    def _backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        dq, dk, dv = torch.ops.llada.block_attention_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k,
+                                                         *ctx.max_seqlen, **ctx.options)
+        return dq, dk, dv, None, None, None, None
+
+    torch.library.register_autograd("llada::block_attention_fwd", _backward, setup_context=_setup_context)

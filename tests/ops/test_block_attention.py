@@ -1,0 +1,297 @@
+"""block_attention against its dense-mask reference on every device: both masks, packed documents of
+lengths 1, 7, 32, 33 and 1000, block sizes 1, 4, 32 and >= length, GQA 16/4 and 4/4, D 64 and 128; fp32
+to 1e-5, bf16 within 2x the reference's own bf16 error; gradients against the reference's autograd; the
+decode form against the full recompute; bad input rejected by name."""
+import pytest
+import torch
+
+from llada_engine.ops import (block_attention, block_attention_decode, block_attention_decode_ref,
+                              block_attention_ref, block_mask_dense)
+from op_testing import DEVICES, assert_close_to_reference
+
+DOC_LENGTHS = [1, 7, 32, 33, 1000]
+
+
+def make_packed(lengths_q, lengths_k=None, *, heads=(4, 4), dim=64, device="cpu", dtype=torch.float32, seed=0):
+    """Random q [Tq, Hq, D], k, v [Tk, Hkv, D] and int32 cu_seqlens for the given document lengths."""
+    lengths_k = lengths_q if lengths_k is None else lengths_k
+    g = torch.Generator().manual_seed(seed)
+    hq, hkv = heads
+    q = torch.randn(sum(lengths_q), hq, dim, generator=g)
+    k = torch.randn(sum(lengths_k), hkv, dim, generator=g)
+    v = torch.randn(sum(lengths_k), hkv, dim, generator=g)
+    cu = [torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0).to(torch.int32).to(device)
+          for lengths in (lengths_q, lengths_k)]
+    return (q.to(device, dtype), k.to(device, dtype), v.to(device, dtype), cu[0], cu[1],
+            max(lengths_q, default=0), max(lengths_k, default=0))
+
+
+def bd3_lengths(halves):
+    return [2 * n for n in halves]
+
+
+def fp32_reference(args, **kw):
+    q, k, v, *rest = args
+    return block_attention_ref(q.float(), k.float(), v.float(), *rest, return_lse=True, **kw)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask", ["block_causal", "bd3"])
+@pytest.mark.parametrize("block_size", [1, 4, 32, 1000])
+def test_forward_fp32_matches_reference(device, mask, block_size):
+    lengths = DOC_LENGTHS if mask == "block_causal" else bd3_lengths(DOC_LENGTHS)
+    args = make_packed(lengths, heads=(4, 4), dim=64, device=device, seed=block_size)
+    out, lse = block_attention(*args, block_size=block_size, mask=mask, return_lse=True)
+    ref_out, ref_lse = fp32_reference(args, block_size=block_size, mask=mask)
+    assert_close_to_reference(out, ref_out, atol=1e-5, name="out")
+    assert_close_to_reference(lse, ref_lse, atol=1e-5, name="lse")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask", ["block_causal", "bd3"])
+def test_forward_gqa_d128(device, mask):
+    halves = [1, 7, 32, 33, 300]
+    lengths = halves if mask == "block_causal" else bd3_lengths(halves)
+    args = make_packed(lengths, heads=(16, 4), dim=128, device=device, seed=1)
+    out, lse = block_attention(*args, block_size=32, mask=mask, return_lse=True)
+    ref_out, ref_lse = fp32_reference(args, block_size=32, mask=mask)
+    assert_close_to_reference(out, ref_out, atol=1e-5, name="out")
+    assert_close_to_reference(lse, ref_lse, atol=1e-5, name="lse")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask", ["block_causal", "bd3"])
+@pytest.mark.parametrize("block_size", [4, 32])
+def test_forward_bf16_within_twice_reference_error(device, mask, block_size):
+    lengths = DOC_LENGTHS if mask == "block_causal" else bd3_lengths([1, 7, 32, 33, 500])
+    args = make_packed(lengths, heads=(16, 4), dim=64, device=device, dtype=torch.bfloat16, seed=2)
+    out, lse = block_attention(*args, block_size=block_size, mask=mask, return_lse=True)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    ref_out, ref_lse = fp32_reference(args, block_size=block_size, mask=mask)
+    ref_lowp = block_attention_ref(*args, block_size=block_size, mask=mask)
+    assert_close_to_reference(out, ref_out, ref_lowp, name="out")
+    assert_close_to_reference(lse, ref_lse, atol=1e-4, name="lse")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_block_causal_bottom_right_and_empty_documents(device):
+    # Fewer queries than keys (a block against its prefix), more queries than keys (leading queries
+    # see nothing: out 0, lse -inf), and documents with no queries or no keys.
+    lengths_q = [5, 7, 0, 40, 3, 6]
+    lengths_k = [37, 7, 4, 9, 0, 70]
+    args = make_packed(lengths_q, lengths_k, heads=(4, 2), dim=24, device=device, seed=3)
+    for block_size in (1, 4, 8):
+        out, lse = block_attention(*args, block_size=block_size, return_lse=True)
+        ref_out, ref_lse = fp32_reference(args, block_size=block_size, mask="block_causal")
+        assert_close_to_reference(out, ref_out, atol=1e-5)
+        assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
+        finite = torch.isfinite(ref_lse)
+        assert_close_to_reference(lse[finite], ref_lse[finite], atol=1e-5, name="lse")
+        assert (out[torch.isinf(lse)] == 0).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_strided_inputs_and_odd_head_dim(device):
+    T, hq, hkv, D = 70, 4, 2, 40
+    g = torch.Generator().manual_seed(4)
+    qkv = torch.randn(T, hq + 2 * hkv, D, generator=g).to(device)
+    q, k, v = qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]
+    cu = torch.tensor([0, 33, 70], dtype=torch.int32, device=device)
+    out = block_attention(q, k, v, cu, cu, 37, 37, block_size=5)
+    ref = block_attention_ref(q, k, v, cu, cu, block_size=5)
+    assert_close_to_reference(out, ref, atol=1e-5)
+
+
+def reference_grads(args, dout, dlse, **kw):
+    q, k, v, *rest = [a.detach().float().requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a
+                      for a in args]
+    out, lse = block_attention_ref(q, k, v, *rest, return_lse=True, **kw)
+    finite = torch.isfinite(lse)
+    ((out * dout.float()).sum() + (lse[finite] * dlse.float()[finite]).sum()).backward()
+    return q.grad, k.grad, v.grad
+
+
+def our_grads(args, dout, dlse, **kw):
+    q, k, v, *rest = [a.detach().clone().requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a
+                      for a in args]
+    out, lse = block_attention(q, k, v, *rest, return_lse=True, **kw)
+    finite = torch.isfinite(lse)
+    ((out.float() * dout.float()).sum() + (lse[finite] * dlse[finite]).sum()).backward()
+    return q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask", ["block_causal", "bd3"])
+@pytest.mark.parametrize("block_size,heads,dim", [(1, (4, 4), 64), (4, (4, 2), 32), (32, (16, 4), 128),
+                                                  (2048, (4, 4), 64)])
+def test_gradients_match_reference_autograd(device, mask, block_size, heads, dim):
+    halves = [1, 7, 32, 33, 1000] if dim == 64 else [1, 7, 32, 33, 150]
+    lengths = halves if mask == "block_causal" else bd3_lengths(halves)
+    args = make_packed(lengths, heads=heads, dim=dim, device=device, seed=5)
+    g = torch.Generator().manual_seed(6)
+    dout = torch.randn(args[0].shape, generator=g).to(device)
+    dlse = torch.randn(args[0].shape[:2], generator=g).to(device)
+    kw = dict(block_size=block_size, mask=mask)
+    for name, ours, ref in zip(("dq", "dk", "dv"), our_grads(args, dout, dlse, **kw),
+                               reference_grads(args, dout, dlse, **kw)):
+        assert_close_to_reference(ours, ref, atol=2e-5 * max(1.0, ref.abs().max().item()), name=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mask", ["block_causal", "bd3"])
+def test_gradients_bf16_within_twice_reference_error(device, mask):
+    lengths = [1, 7, 32, 33, 200] if mask == "block_causal" else bd3_lengths([1, 7, 32, 33, 200])
+    args = make_packed(lengths, heads=(16, 4), dim=64, device=device, dtype=torch.bfloat16, seed=7)
+    g = torch.Generator().manual_seed(8)
+    dout = torch.randn(args[0].shape, generator=g).to(device, torch.bfloat16)
+    dlse = torch.zeros(args[0].shape[:2], device=device)
+    kw = dict(block_size=4, mask=mask)
+    refs = reference_grads(args, dout, dlse, **kw)
+    q, k, v, *rest = [a.detach().clone().requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a
+                      for a in args]
+    block_attention_ref(q, k, v, *rest, **kw).backward(dout)
+    lowp = (q.grad, k.grad, v.grad)
+    ours = our_grads(args, dout, dlse, **kw)
+    for name, o, r, l in zip(("dq", "dk", "dv"), ours, refs, lowp):
+        assert o.dtype == torch.bfloat16
+        assert_close_to_reference(o, r, l, name=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("Lb", [1, 4, 32])
+def test_decode_equals_full_recompute(device, dtype, Lb):
+    B, hq, hkv, D, blocks_max = 4, 16, 4, 64, 5
+    cached_blocks = [0, 1, 4, 2]
+    g = torch.Generator().manual_seed(9 + Lb)
+    seqs = [[torch.randn((n + 1) * Lb, h, D, generator=g).to(device, dtype) for h in (hq, hkv, hkv)]
+            for n in cached_blocks]
+    k_cache = torch.randn(B, blocks_max * Lb, hkv, D, generator=g).to(device, dtype)  # garbage past the lengths
+    v_cache = torch.randn(B, blocks_max * Lb, hkv, D, generator=g).to(device, dtype)
+    for b, (q, k, v) in enumerate(seqs):
+        k_cache[b, :len(k) - Lb] = k[:-Lb]
+        v_cache[b, :len(v) - Lb] = v[:-Lb]
+    q_new = torch.stack([q[-Lb:] for q, _, _ in seqs])
+    k_new = torch.stack([k[-Lb:] for _, k, _ in seqs])
+    v_new = torch.stack([v[-Lb:] for _, _, v in seqs])
+    cache_seqlens = torch.tensor([n * Lb for n in cached_blocks], dtype=torch.int32, device=device)
+    out, lse = block_attention_decode(q_new, k_cache, v_cache, cache_seqlens, k_new, v_new, return_lse=True)
+
+    lengths = [len(q) for q, _, _ in seqs]
+    cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
+    full, full_lse = block_attention(torch.cat([s[0] for s in seqs]), torch.cat([s[1] for s in seqs]),
+                                     torch.cat([s[2] for s in seqs]), cu, cu, max(lengths), max(lengths),
+                                     block_size=Lb, return_lse=True)
+    last = torch.cat([torch.arange(int(e) - Lb, int(e)) for e in cu[1:].tolist()]).to(device)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert_close_to_reference(out.reshape(-1, hq, D).float(), full[last].float(), atol=tol)
+    assert_close_to_reference(lse.reshape(-1, hq), full_lse[last], atol=1e-4)
+    ref, ref_lse = block_attention_decode_ref(q_new.float(), k_cache.float(), v_cache.float(), cache_seqlens,
+                                              k_new.float(), v_new.float(), return_lse=True)
+    ref_lowp = block_attention_decode_ref(q_new, k_cache, v_cache, cache_seqlens, k_new, v_new)
+    assert_close_to_reference(out, ref, ref_lowp if dtype != torch.float32 else None, atol=1e-5)
+    assert_close_to_reference(lse, ref_lse, atol=1e-4, name="lse")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_partial_cache_against_reference(device):
+    B, Lb, hq, hkv, D, smax = 3, 7, 4, 1, 128, 50
+    g = torch.Generator().manual_seed(10)
+    q = torch.randn(B, Lb, hq, D, generator=g).to(device)
+    k_cache, v_cache = (torch.randn(B, smax, hkv, D, generator=g).to(device) for _ in range(2))
+    k_new, v_new = (torch.randn(B, Lb, hkv, D, generator=g).to(device) for _ in range(2))
+    cache_seqlens = torch.tensor([13, 0, 50], dtype=torch.int32, device=device)
+    out = block_attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale=0.2)
+    ref = block_attention_decode_ref(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale=0.2)
+    assert_close_to_reference(out, ref, atol=1e-5)
+
+
+def test_dense_mask_examples():
+    bd3 = block_mask_dense("bd3", 2, 8, 8).int().tolist()
+    assert bd3 == [[1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1, 0, 0],
+                   [0, 0, 1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1, 0, 0],
+                   [0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 0, 0, 1, 1, 1, 1]]
+    assert torch.equal(block_mask_dense("block_causal", 1, 5, 5), torch.ones(5, 5, dtype=torch.bool).tril())
+    assert block_mask_dense("block_causal", 100, 5, 5).all()
+    assert block_mask_dense("block_causal", 2, 2, 6).int().tolist() == [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]]
+
+
+def _bad(change):
+    args = list(make_packed([6, 10], heads=(4, 2), dim=16, seed=11))
+    kw = dict(block_size=2, mask="bd3")
+    names = ["q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k"]
+    for key, value in change.items():
+        if key in names:
+            i = names.index(key)
+            args[i] = value(args[i]) if callable(value) else value
+        else:
+            kw[key] = value
+    return args, kw
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(cu_seqlens_q=torch.tensor([0, 10, 6, 16], dtype=torch.int32),
+          cu_seqlens_k=torch.tensor([0, 6, 10, 16], dtype=torch.int32)), "cu_seqlens_q must be non-decreasing"),
+    (dict(cu_seqlens_k=lambda c: torch.tensor([0, 6, 15], dtype=torch.int32)), "cu_seqlens_k must end at the tensor length"),
+    (dict(cu_seqlens_q=lambda c: torch.tensor([1, 6, 16], dtype=torch.int32)), r"cu_seqlens_q\[0\] must be 0"),
+    (dict(cu_seqlens_q=lambda c: c.long()), "cu_seqlens_q must be int32"),
+    (dict(cu_seqlens_k=lambda c: c[:2]), r"cu_seqlens_k must be \[S \+ 1\]"),
+    (dict(q=lambda q: q[:15], cu_seqlens_q=lambda c: torch.tensor([0, 5, 15], dtype=torch.int32)),
+     "bd3.*even length"),
+    (dict(k=lambda k: torch.cat([k, k[:, :1]], 1), v=lambda v: torch.cat([v, v[:, :1]], 1)),
+     "multiple of the heads of k"),
+    (dict(q=lambda q: q.double()), "q must be float32 or bfloat16"),
+    (dict(q=lambda q: q.half()), "q must be float32 or bfloat16"),
+    (dict(k=lambda k: k.bfloat16()), "k and v must have the dtype of q"),
+    (dict(v=lambda v: v[:, :, :8]), "v must have the shape of k"),
+    (dict(q=lambda q: q[0]), r"q must be \[Tq, Hq, D\]"),
+    (dict(block_size=0), "block_size must be >= 1"),
+    (dict(mask="causal"), 'mask must be "block_causal" or "bd3"'),
+    (dict(max_seqlen_q=5), r"max_seqlen_q \(5\) is below the longest query sequence"),
+    (dict(softmax_scale=float("nan")), "softmax_scale must be finite"),
+])
+def test_bad_arguments_are_named(change, match):
+    args, kw = _bad(change)
+    with pytest.raises((ValueError, TypeError), match=match):
+        block_attention(*args, **kw)
+
+
+@pytest.mark.parametrize("change,match", [
+    (dict(cache_seqlens=torch.tensor([3, 9], dtype=torch.int32)), r"cache_seqlens\[1\] = 9 is outside"),
+    (dict(cache_seqlens=torch.tensor([3, -1], dtype=torch.int32)), r"cache_seqlens\[1\] = -1 is outside"),
+    (dict(cache_seqlens=torch.tensor([3, 1])), "cache_seqlens must be int32"),
+    (dict(k_new=lambda t: t[:, :2]), r"k_new must be \[B, Lb, Hkv, D\]"),
+    (dict(v_cache=lambda t: t[:, :4]), "v_cache must have the shape of k_cache"),
+    (dict(q=lambda t: t[:, :, :3]), "must be a multiple of the heads of k_cache"),
+    (dict(k_cache=lambda t: t.bfloat16()), "k_cache must have the dtype of q"),
+])
+def test_decode_bad_arguments_are_named(change, match):
+    g = torch.Generator().manual_seed(12)
+    kw = dict(q=torch.randn(2, 3, 4, 8, generator=g), k_cache=torch.randn(2, 8, 2, 8, generator=g),
+              v_cache=torch.randn(2, 8, 2, 8, generator=g), cache_seqlens=torch.tensor([3, 8], dtype=torch.int32),
+              k_new=torch.randn(2, 3, 2, 8, generator=g), v_new=torch.randn(2, 3, 2, 8, generator=g))
+    for key, value in change.items():
+        kw[key] = value(kw[key]) if callable(value) else value
+    with pytest.raises((ValueError, TypeError), match=match):
+        block_attention_decode(**kw)
+
+
+def opcheck_samples(device):
+    """(args, kwargs) samples for torch.library.opcheck of the llada::block_attention_* ops."""
+    samples = {"block_attention_fwd": [], "block_attention_bwd": [], "block_attention_decode": []}
+    for mask, dtype, lengths in (("bd3", torch.float32, [6, 0, 10]), ("block_causal", torch.bfloat16, [1, 9, 4])):
+        q, k, v, cu_q, cu_k, mq, mk = make_packed(lengths, heads=(4, 2), dim=16, device=device, dtype=dtype, seed=13)
+        kw = dict(block_size=2, mask=mask, softmax_scale=0.3)
+        grad = [t.clone().requires_grad_() for t in (q, k, v)]
+        samples["block_attention_fwd"].append(((*grad, cu_q, cu_k, mq, mk), kw))
+        out, lse = torch.ops.llada.block_attention_fwd(q, k, v, cu_q, cu_k, mq, mk, **kw)
+        dout = torch.randn_like(out)
+        dlse = torch.randn_like(lse) if mask == "bd3" else None
+        samples["block_attention_bwd"].append(((dout, q, k, v, out, lse, dlse, cu_q, cu_k, mq, mk), kw))
+    g = torch.Generator().manual_seed(14)
+    decode = [torch.randn(*shape, generator=g).to(device) for shape in
+              ((2, 3, 4, 16), (2, 8, 2, 16), (2, 8, 2, 16), (2, 3, 2, 16), (2, 3, 2, 16))]
+    lens = torch.tensor([5, 0], dtype=torch.int32, device=device)
+    samples["block_attention_decode"].append(((decode[0], decode[1], decode[2], lens, decode[3], decode[4]),
+                                              dict(softmax_scale=0.25)))
+    return samples
