@@ -1,0 +1,39 @@
+"""`llada-engine generate` end to end on a tiny checkpoint with its own tokenizer: streamed text, a stats line,
+prompts from a file decoded as one batch, the chat format, and a clear error for a missing checkpoint."""
+import subprocess
+import sys
+
+import pytest
+
+from model_testing import tiny_checkpoint
+
+
+def run_cli(*args, check=True):
+    return subprocess.run([sys.executable, "-m", "llada_engine.cli", *args], capture_output=True, text=True,
+                          check=check, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("cli"), seed=3)[0]
+
+
+def test_generate_streams_text_and_stats(checkpoint):
+    out = run_cli("generate", "--model", str(checkpoint), "--gen-length", "24", "--block-length", "8", "ROMEO:").stdout
+    lines = out.strip().splitlines()
+    assert lines[-1].startswith("[") and "tokens/s" in lines[-1] and "TPF" in lines[-1]
+    assert len("".join(lines[:-1])) > 0
+
+
+def test_generate_batch_from_file_and_chat(checkpoint, tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("first prompt\n\nsecond one\n")
+    out = run_cli("generate", "--model", str(checkpoint), "--prompts-file", str(prompts), "--chat",
+                  "--gen-length", "16", "--block-length", "8", "--steps", "4", "--no-cache").stdout
+    assert "=== 0: <role>HUMAN</role>first prompt<|role_end|><role>ASSISTANT</role>" in out
+    assert "=== 1: " in out and "second one" in out and "TPF" in out
+
+
+def test_generate_missing_checkpoint_is_a_clear_error(tmp_path):
+    proc = run_cli("generate", "--model", str(tmp_path / "none"), "hi", check=False)
+    assert proc.returncode != 0 and "no such checkpoint folder" in proc.stderr
