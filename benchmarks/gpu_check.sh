@@ -43,6 +43,7 @@ else
     export PYTHONPATH="$out/site${PYTHONPATH:+:$PYTHONPATH}"
   fi
   export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} MAX_JOBS=${MAX_JOBS:-16} LLADA_CUDA_ARCHS=${LLADA_CUDA_ARCHS:-90a}
+  export PATH="$CUDA_HOME/bin:$PATH"
   step build 420 "$PYTHON" setup.py build_ext --inplace
   "$PYTHON" -c "import torch, llada_engine; print(llada_engine.build_info())" | tee "$out/build_info.txt"
   step gpu-tests 300 "$PYTHON" -m pytest -q -m gpu tests
