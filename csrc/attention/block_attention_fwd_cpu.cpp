@@ -4,7 +4,9 @@
 // One task is (sequence, query tile of BQ rows, query head). It keeps the tile's output, running max
 // and running sum in fp32 and walks the key tiles of the sequence with an online softmax
 // (FlashAttention-2): key tiles the mask removes are skipped, full tiles run without the mask,
-// partial tiles compare mask coordinates per element. Memory is O(threads x tile), never O(T^2).
+// partial tiles compare mask coordinates per element. Keys and values are first converted to fp32
+// key tiles (transposed, [D, BK]) and value tiles ([BK, D]) once per call, so that the G query heads
+// of a GQA group and every query tile share them. Memory is O(T + threads x tile), never O(T^2).
 #include <omp.h>
 
 #include <utility>
@@ -28,8 +30,8 @@ struct FwdScratch {
   std::vector<float> q;   // [BQ, D] scaled queries
   std::vector<float> o;   // [BQ, D] unnormalised output
   std::vector<float> s;   // [BQ, BK] scores, then probabilities
-  std::vector<float> kt;  // [D, BK] keys, transposed
-  std::vector<float> v;   // [BK, D]
+  std::vector<float> kt;  // [D, BK] keys, transposed (decode: loaded per tile)
+  std::vector<float> v;   // [BK, D] (decode)
   std::vector<float> row;  // [D]
   std::vector<float> m;   // [BQ] running max of the scaled scores
   std::vector<float> l;   // [BQ] running sum of exp(score - m)
@@ -49,12 +51,12 @@ struct OnlineTile {
     std::fill(w.l.begin(), w.l.begin() + nq, 0.0f);
   }
 
-  // Folds in nk keys / values; with `mask` set, w.qc / w.kc hold the coordinates of a partial tile.
-  LLADA_CPU_INLINE void add(const cpu::Rows& k, const cpu::Rows& v, int64_t nk, const AttentionMask* mask) {
-    cpu::load_tile_transposed(w.kt.data(), BK, k, nk, D, 1.0f, w.row.data());
-    cpu::load_tile(w.v.data(), v, nk, BK, D, 1.0f);
+  // Folds in nk keys: kt [D, BK] transposed keys, v [nk, D] values. With `mask` set, w.qc / w.kc hold
+  // the coordinates of a partial tile. Columns nk..BK of kt may hold anything finite or not: they are
+  // replaced by -inf before the softmax and never reach the output.
+  LLADA_CPU_INLINE void add(const float* kt, const float* v, int64_t nk, const AttentionMask* mask) {
     float* s = w.s.data();
-    cpu::gemm<false>(nq, BK, D, w.q.data(), D, w.kt.data(), BK, s, BK);  // [nq, BK] = Q K^T
+    cpu::gemm<false>(nq, BK, D, w.q.data(), D, kt, BK, s, BK);  // [nq, BK] = Q K^T
     for (int64_t i = 0; i < nq; ++i) {
       float* si = s + i * BK;
       if (mask) cpu::mask_row(si, *mask, w.qc.block[i], w.qc.clean[i], w.kc, nk);
@@ -74,7 +76,7 @@ struct OnlineTile {
         for (int64_t d = 0; d < D; ++d) oi[d] *= alpha_or_zero;
       }
     }
-    cpu::gemm<true>(nq, D, BK, s, BK, w.v.data(), D, w.o.data(), D);  // O += P V
+    cpu::gemm<true>(nq, D, nk, s, BK, v, D, w.o.data(), D);  // O += P V
   }
 
   // out rows [nq, D] of `dtype` at out_row_stride; lse at lse_stride. Rows that saw no key get 0, -inf.
@@ -91,8 +93,31 @@ struct OnlineTile {
   }
 };
 
-LLADA_CPU_CLONES void forward_task(const BlockAttentionParams& p, FwdScratch& w, int64_t seq, int64_t q_tile,
-                                   int64_t h) {
+// Keys and values of every sequence as fp32 tiles of BK rows, zero-padded at the end of a sequence.
+struct KvTiles {
+  std::vector<int64_t> first;  // [S + 1] index of each sequence's first key tile
+  std::vector<float> kt;       // [tiles, Hkv, D, BK] keys, transposed
+  std::vector<float> v;        // [tiles, Hkv, BK, D]
+};
+
+LLADA_CPU_CLONES void convert_kv_tile(const BlockAttentionParams& p, KvTiles& kv, int64_t seq, int64_t tile,
+                                      int64_t hk, float* row) {
+  const int64_t D = p.head_dim, Hkv = p.heads_kv;
+  const int64_t ck = p.cu_seqlens_k[seq];
+  const int64_t k0 = (tile - kv.first[seq]) * BK;
+  const int64_t nk = std::min(BK, p.cu_seqlens_k[seq + 1] - ck - k0);
+  const size_t esize = cpu::dtype_bytes(p.dtype);
+  const cpu::Rows k{static_cast<const char*>(p.k) + static_cast<size_t>((ck + k0) * p.k_row_stride + hk * p.k_head_stride) * esize,
+                    p.k_row_stride, p.dtype};
+  const cpu::Rows v{static_cast<const char*>(p.v) + static_cast<size_t>((ck + k0) * p.v_row_stride + hk * p.v_head_stride) * esize,
+                    p.v_row_stride, p.dtype};
+  const size_t offset = static_cast<size_t>((tile * Hkv + hk) * D * BK);
+  cpu::load_tile_transposed(kv.kt.data() + offset, BK, k, nk, D, 1.0f, row);
+  cpu::load_tile(kv.v.data() + offset, v, nk, BK, D, 1.0f);
+}
+
+LLADA_CPU_CLONES void forward_task(const BlockAttentionParams& p, const KvTiles& kv, FwdScratch& w, int64_t seq,
+                                   int64_t q_tile, int64_t h) {
   const int64_t D = p.head_dim;
   const int64_t cq = p.cu_seqlens_q[seq], ck = p.cu_seqlens_k[seq];
   const DocMask dm{p.mask, p.block_size, p.cu_seqlens_q[seq + 1] - cq, p.cu_seqlens_k[seq + 1] - ck};
@@ -113,11 +138,8 @@ LLADA_CPU_CLONES void forward_task(const BlockAttentionParams& p, FwdScratch& w,
     const TileKind kind = classify_tile(dm, q0, q0 + nq, k0, k0 + nk);
     if (kind == TileKind::kSkip) continue;
     if (kind == TileKind::kPartial) cpu::key_coords(w.kc, dm, k0, nk);
-    const cpu::Rows k{static_cast<const char*>(p.k) + static_cast<size_t>((ck + k0) * p.k_row_stride + hk * p.k_head_stride) * esize,
-                      p.k_row_stride, p.dtype};
-    const cpu::Rows v{static_cast<const char*>(p.v) + static_cast<size_t>((ck + k0) * p.v_row_stride + hk * p.v_head_stride) * esize,
-                      p.v_row_stride, p.dtype};
-    tile.add(k, v, nk, kind == TileKind::kPartial ? &p.mask : nullptr);
+    const size_t offset = static_cast<size_t>(((kv.first[seq] + k0 / BK) * p.heads_kv + hk) * D * BK);
+    tile.add(kv.kt.data() + offset, kv.v.data() + offset, nk, kind == TileKind::kPartial ? &p.mask : nullptr);
   }
   char* out = static_cast<char*>(p.out) + static_cast<size_t>(((cq + q0) * p.heads_q + h) * D) * esize;
   tile.finish(out, p.heads_q * D, p.dtype, p.lse + (cq + q0) * p.heads_q + h, p.heads_q);
@@ -139,13 +161,19 @@ LLADA_CPU_CLONES void decode_task(const BlockAttentionDecodeParams& p, FwdScratc
   const int64_t cached = p.cache_seqlens[b];
   for (int64_t k0 = 0; k0 < cached; k0 += BK) {
     const int64_t row0 = (b * p.cache_capacity + k0) * Hkv + hk;
-    tile.add(cpu::Rows{at(p.k_cache, row0 * D), Hkv * D, p.dtype}, cpu::Rows{at(p.v_cache, row0 * D), Hkv * D, p.dtype},
-             std::min(BK, cached - k0), nullptr);
+    const int64_t nk = std::min(BK, cached - k0);
+    cpu::load_tile_transposed(w.kt.data(), BK, cpu::Rows{at(p.k_cache, row0 * D), Hkv * D, p.dtype}, nk, D, 1.0f,
+                              w.row.data());
+    cpu::load_tile(w.v.data(), cpu::Rows{at(p.v_cache, row0 * D), Hkv * D, p.dtype}, nk, nk, D, 1.0f);
+    tile.add(w.kt.data(), w.v.data(), nk, nullptr);
   }
   for (int64_t k0 = 0; k0 < Lb; k0 += BK) {
     const int64_t row0 = (b * Lb + k0) * Hkv + hk;
-    tile.add(cpu::Rows{at(p.k_new, row0 * D), Hkv * D, p.dtype}, cpu::Rows{at(p.v_new, row0 * D), Hkv * D, p.dtype},
-             std::min(BK, Lb - k0), nullptr);
+    const int64_t nk = std::min(BK, Lb - k0);
+    cpu::load_tile_transposed(w.kt.data(), BK, cpu::Rows{at(p.k_new, row0 * D), Hkv * D, p.dtype}, nk, D, 1.0f,
+                              w.row.data());
+    cpu::load_tile(w.v.data(), cpu::Rows{at(p.v_new, row0 * D), Hkv * D, p.dtype}, nk, nk, D, 1.0f);
+    tile.add(w.kt.data(), w.v.data(), nk, nullptr);
   }
   char* out = static_cast<char*>(p.out) + static_cast<size_t>(((b * Lb + q0) * Hq + h) * D) * esize;
   tile.finish(out, Hq * D, p.dtype, p.lse + (b * Lb + q0) * Hq + h, Hq);
@@ -157,18 +185,31 @@ Status block_attention_fwd_cpu(const BlockAttentionParams& p) {
   if (p.dtype == DType::kFloat16 || p.block_size < 1 || p.heads_kv < 1 || p.heads_q % p.heads_kv != 0)
     return Status::kBadArgument;
   std::vector<std::pair<int64_t, int64_t>> tiles;  // (sequence, query tile)
+  KvTiles kv;
+  kv.first.assign(p.num_seqs + 1, 0);
+  std::vector<int64_t> tile_seq;
   for (int64_t s = 0; s < p.num_seqs; ++s) {
     const int64_t len_q = p.cu_seqlens_q[s + 1] - p.cu_seqlens_q[s];
+    const int64_t len_k = p.cu_seqlens_k[s + 1] - p.cu_seqlens_k[s];
     for (int64_t t = 0; t * BQ < len_q; ++t) tiles.emplace_back(s, t);
+    const int64_t k_tiles = (len_k + BK - 1) / BK;
+    kv.first[s + 1] = kv.first[s] + k_tiles;
+    tile_seq.insert(tile_seq.end(), k_tiles, s);
   }
+  const int64_t kv_tasks = kv.first[p.num_seqs] * p.heads_kv;
+  kv.kt.resize(static_cast<size_t>(kv_tasks * p.head_dim * BK));
+  kv.v.resize(kv.kt.size());
   const int64_t tasks = static_cast<int64_t>(tiles.size()) * p.heads_q;
 #pragma omp parallel if (tasks > 1)
   {
     FwdScratch w(p.head_dim);
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < kv_tasks; ++task)
+      convert_kv_tile(p, kv, tile_seq[task / p.heads_kv], task / p.heads_kv, task % p.heads_kv, w.row.data());
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const auto& [s, t] = tiles[task / p.heads_q];
-      forward_task(p, w, s, t, task % p.heads_q);
+      forward_task(p, kv, w, s, t, task % p.heads_q);
     }
   }
   return Status::kOk;

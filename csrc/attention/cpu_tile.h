@@ -142,16 +142,21 @@ LLADA_CPU_INLINE void gemm_rows(int64_t N, int64_t K, const float* A, int64_t ld
     }
 }
 
-// C[M x N] (+)= A[M x K] B[K x N], fp32, row-major with leading dimensions.
+// C[M x N] (+)= A[M x K] B[K x N], fp32, row-major with leading dimensions. Panels of 6 rows x 64
+// columns keep 24 accumulators in AVX-512 registers.
 template <bool kAccumulate>
 LLADA_CPU_INLINE void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
                            int64_t ldb, float* C, int64_t ldc) {
   int64_t m0 = 0;
-  for (; m0 + 4 <= M; m0 += 4) gemm_rows<4, kAccumulate>(N, K, A + m0 * lda, lda, B, ldb, C + m0 * ldc, ldc);
+  for (; m0 + 6 <= M; m0 += 6) gemm_rows<6, kAccumulate>(N, K, A + m0 * lda, lda, B, ldb, C + m0 * ldc, ldc);
+  const float* a = A + m0 * lda;
+  float* c = C + m0 * ldc;
   switch (M - m0) {
-    case 3: gemm_rows<3, kAccumulate>(N, K, A + m0 * lda, lda, B, ldb, C + m0 * ldc, ldc); break;
-    case 2: gemm_rows<2, kAccumulate>(N, K, A + m0 * lda, lda, B, ldb, C + m0 * ldc, ldc); break;
-    case 1: gemm_rows<1, kAccumulate>(N, K, A + m0 * lda, lda, B, ldb, C + m0 * ldc, ldc); break;
+    case 5: gemm_rows<5, kAccumulate>(N, K, a, lda, B, ldb, c, ldc); break;
+    case 4: gemm_rows<4, kAccumulate>(N, K, a, lda, B, ldb, c, ldc); break;
+    case 3: gemm_rows<3, kAccumulate>(N, K, a, lda, B, ldb, c, ldc); break;
+    case 2: gemm_rows<2, kAccumulate>(N, K, a, lda, B, ldb, c, ldc); break;
+    case 1: gemm_rows<1, kAccumulate>(N, K, a, lda, B, ldb, c, ldc); break;
     default: break;
   }
 }
