@@ -23,10 +23,6 @@
 #endif
 #define LLADA_CPU_INLINE inline __attribute__((always_inline))
 
-// 64-byte vectors are passed only between always-inlined functions: the ABI note does not apply.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 namespace llada {
 namespace cpu {
 
@@ -35,14 +31,6 @@ constexpr int64_t BK = 64;  // keys per tile
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 typedef float vf16 __attribute__((vector_size(64)));
-
-LLADA_CPU_INLINE vf16 load16(const float* p) {
-  vf16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-LLADA_CPU_INLINE void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof(v)); }
 
 LLADA_CPU_INLINE uint16_t float_to_bf16_bits(float f) {
   const uint32_t u = float_to_bits(f);
@@ -115,17 +103,20 @@ LLADA_CPU_INLINE void gemm_block(int64_t K, const float* A, int64_t lda, const f
                                  int64_t ldc) {
   vf16 c[MR][NV];
   for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) c[r][v] = kAccumulate ? load16(C + r * ldc + 16 * v) : vf16{};
+    for (int v = 0; v < NV; ++v) {
+      c[r][v] = vf16{};
+      if (kAccumulate) std::memcpy(&c[r][v], C + r * ldc + 16 * v, sizeof(vf16));
+    }
   for (int64_t k = 0; k < K; ++k) {
     vf16 b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = load16(B + k * ldb + 16 * v);
+    for (int v = 0; v < NV; ++v) std::memcpy(&b[v], B + k * ldb + 16 * v, sizeof(vf16));
     for (int r = 0; r < MR; ++r) {
       const float a = A[r * lda + k];
       for (int v = 0; v < NV; ++v) c[r][v] += a * b[v];
     }
   }
   for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) store16(C + r * ldc + 16 * v, c[r][v]);
+    for (int v = 0; v < NV; ++v) std::memcpy(C + r * ldc + 16 * v, &c[r][v], sizeof(vf16));
 }
 
 template <int MR, bool kAccumulate>
@@ -219,5 +210,3 @@ LLADA_CPU_INLINE float max_row(const float* s, int64_t n) {
 
 }  // namespace cpu
 }  // namespace llada
-
-#pragma GCC diagnostic pop
