@@ -14,6 +14,7 @@
 
 #include "attention/block_mask.h"
 #include "attention/cpu_tile.h"
+#include "attention/kv_tiles.h"
 #include "llada/attention.h"
 
 namespace llada {
@@ -93,30 +94,7 @@ struct OnlineTile {
   }
 };
 
-// Keys and values of every sequence as fp32 tiles of BK rows, zero-padded at the end of a sequence.
-struct KvTiles {
-  std::vector<int64_t> first;  // [S + 1] index of each sequence's first key tile
-  std::vector<float> kt;       // [tiles, Hkv, D, BK] keys, transposed
-  std::vector<float> v;        // [tiles, Hkv, BK, D]
-};
-
-LLADA_CPU_CLONES void convert_kv_tile(const BlockAttentionParams& p, KvTiles& kv, int64_t seq, int64_t tile,
-                                      int64_t hk, float* row) {
-  const int64_t D = p.head_dim, Hkv = p.heads_kv;
-  const int64_t ck = p.cu_seqlens_k[seq];
-  const int64_t k0 = (tile - kv.first[seq]) * BK;
-  const int64_t nk = std::min(BK, p.cu_seqlens_k[seq + 1] - ck - k0);
-  const size_t esize = cpu::dtype_bytes(p.dtype);
-  const cpu::Rows k{static_cast<const char*>(p.k) + static_cast<size_t>((ck + k0) * p.k_row_stride + hk * p.k_head_stride) * esize,
-                    p.k_row_stride, p.dtype};
-  const cpu::Rows v{static_cast<const char*>(p.v) + static_cast<size_t>((ck + k0) * p.v_row_stride + hk * p.v_head_stride) * esize,
-                    p.v_row_stride, p.dtype};
-  const size_t offset = static_cast<size_t>((tile * Hkv + hk) * D * BK);
-  cpu::load_tile_transposed(kv.kt.data() + offset, BK, k, nk, D, 1.0f, row);
-  cpu::load_tile(kv.v.data() + offset, v, nk, BK, D, 1.0f);
-}
-
-LLADA_CPU_CLONES void forward_task(const BlockAttentionParams& p, const KvTiles& kv, FwdScratch& w, int64_t seq,
+LLADA_CPU_CLONES void forward_task(const BlockAttentionParams& p, const cpu::KvTiles& kv, FwdScratch& w, int64_t seq,
                                    int64_t q_tile, int64_t h) {
   const int64_t D = p.head_dim;
   const int64_t cq = p.cu_seqlens_q[seq], ck = p.cu_seqlens_k[seq];
@@ -138,8 +116,7 @@ LLADA_CPU_CLONES void forward_task(const BlockAttentionParams& p, const KvTiles&
     const TileKind kind = classify_tile(dm, q0, q0 + nq, k0, k0 + nk);
     if (kind == TileKind::kSkip) continue;
     if (kind == TileKind::kPartial) cpu::key_coords(w.kc, dm, k0, nk);
-    const size_t offset = static_cast<size_t>(((kv.first[seq] + k0 / BK) * p.heads_kv + hk) * D * BK);
-    tile.add(kv.kt.data() + offset, kv.v.data() + offset, nk, kind == TileKind::kPartial ? &p.mask : nullptr);
+    tile.add(kv.at(kv.kt, seq, k0, hk), kv.at(kv.v, seq, k0, hk), nk, kind == TileKind::kPartial ? &p.mask : nullptr);
   }
   char* out = static_cast<char*>(p.out) + static_cast<size_t>(((cq + q0) * p.heads_q + h) * D) * esize;
   tile.finish(out, p.heads_q * D, p.dtype, p.lse + (cq + q0) * p.heads_q + h, p.heads_q);
@@ -185,27 +162,15 @@ Status block_attention_fwd_cpu(const BlockAttentionParams& p) {
   if (p.dtype == DType::kFloat16 || p.block_size < 1 || p.heads_kv < 1 || p.heads_q % p.heads_kv != 0)
     return Status::kBadArgument;
   std::vector<std::pair<int64_t, int64_t>> tiles;  // (sequence, query tile)
-  KvTiles kv;
-  kv.first.assign(p.num_seqs + 1, 0);
-  std::vector<int64_t> tile_seq;
   for (int64_t s = 0; s < p.num_seqs; ++s) {
     const int64_t len_q = p.cu_seqlens_q[s + 1] - p.cu_seqlens_q[s];
-    const int64_t len_k = p.cu_seqlens_k[s + 1] - p.cu_seqlens_k[s];
     for (int64_t t = 0; t * BQ < len_q; ++t) tiles.emplace_back(s, t);
-    const int64_t k_tiles = (len_k + BK - 1) / BK;
-    kv.first[s + 1] = kv.first[s] + k_tiles;
-    tile_seq.insert(tile_seq.end(), k_tiles, s);
   }
-  const int64_t kv_tasks = kv.first[p.num_seqs] * p.heads_kv;
-  kv.kt.resize(static_cast<size_t>(kv_tasks * p.head_dim * BK));
-  kv.v.resize(kv.kt.size());
+  const cpu::KvTiles kv = cpu::make_kv_tiles(p, cpu::kKeysT | cpu::kValues);
   const int64_t tasks = static_cast<int64_t>(tiles.size()) * p.heads_q;
 #pragma omp parallel if (tasks > 1)
   {
     FwdScratch w(p.head_dim);
-#pragma omp for schedule(static)
-    for (int64_t task = 0; task < kv_tasks; ++task)
-      convert_kv_tile(p, kv, tile_seq[task / p.heads_kv], task / p.heads_kv, task % p.heads_kv, w.row.data());
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const auto& [s, t] = tiles[task / p.heads_q];
