@@ -260,6 +260,13 @@ def test_forward_cuda_bad_arguments_are_named(change, match):
         block_attention(*make_packed([6, 10], **kw), block_size=2)
 
 
+
+@pytest.mark.gpu
+def test_forward_cuda_device_mismatch_is_named():
+    q, k, v, cu_q, cu_k, mq, mk = make_packed([6, 10], heads=(4, 2), dim=64, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="cu_seqlens_q is on cpu but q is on cuda"):
+        block_attention(q, k, v, cu_q.cpu(), cu_k, mq, mk, block_size=2)
+
 def test_dense_mask_examples():
     bd3 = block_mask_dense("bd3", 2, 8, 8).int().tolist()
     assert bd3 == [[1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0], [0, 0, 1, 1, 1, 1, 0, 0],
