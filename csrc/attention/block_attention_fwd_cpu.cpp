@@ -31,7 +31,7 @@ struct FwdScratch {
   std::vector<float> q;   // [BQ, D] scaled queries
   std::vector<float> o;   // [BQ, D] unnormalised output
   std::vector<float> s;   // [BQ, BK] scores, then probabilities
-  std::vector<float> kt;  // [D, BK] keys, transposed (decode: loaded per tile)
+  std::vector<float> kt;  // [D, BK] keys, transposed (decode: loaded per tile, shared by a GQA group)
   std::vector<float> v;   // [BK, D] (decode)
   std::vector<float> row;  // [D]
   std::vector<float> m;   // [BQ] running max of the scaled scores
@@ -122,38 +122,42 @@ LLADA_CPU_CLONES void forward_task(const BlockAttentionParams& p, const cpu::KvT
   tile.finish(out, p.heads_q * D, p.dtype, p.lse + (cq + q0) * p.heads_q + h, p.heads_q);
 }
 
-LLADA_CPU_CLONES void decode_task(const BlockAttentionDecodeParams& p, FwdScratch& w, int64_t b, int64_t q_tile,
-                                  int64_t h) {
-  const int64_t D = p.head_dim, Lb = p.block, Hq = p.heads_q, Hkv = p.heads_kv;
+// Folds one key / value tile (rows row0.. of a [*, Hkv, D] tensor) into the G query tiles of a GQA group;
+// the tile is converted once into ws[0].kt / ws[0].v.
+LLADA_CPU_INLINE void decode_add_tile(const BlockAttentionDecodeParams& p, std::vector<FwdScratch>& ws, int64_t nq,
+                                      const void* k_base, const void* v_base, int64_t row0, int64_t nk) {
+  const int64_t D = p.head_dim, Hkv = p.heads_kv;
+  const size_t esize = cpu::dtype_bytes(p.dtype);
+  const cpu::Rows k{static_cast<const char*>(k_base) + static_cast<size_t>(row0 * D) * esize, Hkv * D, p.dtype};
+  const cpu::Rows v{static_cast<const char*>(v_base) + static_cast<size_t>(row0 * D) * esize, Hkv * D, p.dtype};
+  float* kt_tile = ws[0].kt.data();
+  float* v_tile = ws[0].v.data();
+  cpu::load_tile_transposed(kt_tile, BK, k, nk, D, 1.0f, ws[0].row.data());
+  cpu::load_tile(v_tile, v, nk, nk, D, 1.0f);
+  for (FwdScratch& w : ws) OnlineTile{w, nq, D}.add(kt_tile, v_tile, nk, nullptr);
+}
+
+// One task is (sequence, query tile, kv head): the G query heads of the group share every key tile.
+LLADA_CPU_CLONES void decode_task(const BlockAttentionDecodeParams& p, std::vector<FwdScratch>& ws, int64_t b,
+                                  int64_t q_tile, int64_t hk) {
+  const int64_t D = p.head_dim, Lb = p.block, Hq = p.heads_q, Hkv = p.heads_kv, G = Hq / Hkv;
   const int64_t q0 = q_tile * BQ;
   const int64_t nq = std::min(BQ, Lb - q0);
-  const int64_t hk = h / (Hq / Hkv);
   const size_t esize = cpu::dtype_bytes(p.dtype);
-  const auto at = [esize](const void* base, int64_t element) {
-    return static_cast<const char*>(base) + static_cast<size_t>(element) * esize;
-  };
-
-  OnlineTile tile{w, nq, D};
-  tile.begin(cpu::Rows{at(p.q, ((b * Lb + q0) * Hq + h) * D), Hq * D, p.dtype}, p.softmax_scale);
+  for (int64_t g = 0; g < G; ++g) {
+    const char* q = static_cast<const char*>(p.q) + static_cast<size_t>(((b * Lb + q0) * Hq + hk * G + g) * D) * esize;
+    OnlineTile{ws[g], nq, D}.begin(cpu::Rows{q, Hq * D, p.dtype}, p.softmax_scale);
+  }
   const int64_t cached = p.cache_seqlens[b];
-  for (int64_t k0 = 0; k0 < cached; k0 += BK) {
-    const int64_t row0 = (b * p.cache_capacity + k0) * Hkv + hk;
-    const int64_t nk = std::min(BK, cached - k0);
-    cpu::load_tile_transposed(w.kt.data(), BK, cpu::Rows{at(p.k_cache, row0 * D), Hkv * D, p.dtype}, nk, D, 1.0f,
-                              w.row.data());
-    cpu::load_tile(w.v.data(), cpu::Rows{at(p.v_cache, row0 * D), Hkv * D, p.dtype}, nk, nk, D, 1.0f);
-    tile.add(w.kt.data(), w.v.data(), nk, nullptr);
+  for (int64_t k0 = 0; k0 < cached; k0 += BK)
+    decode_add_tile(p, ws, nq, p.k_cache, p.v_cache, (b * p.cache_capacity + k0) * Hkv + hk, std::min(BK, cached - k0));
+  for (int64_t k0 = 0; k0 < Lb; k0 += BK)
+    decode_add_tile(p, ws, nq, p.k_new, p.v_new, (b * Lb + k0) * Hkv + hk, std::min(BK, Lb - k0));
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t h = hk * G + g;
+    char* out = static_cast<char*>(p.out) + static_cast<size_t>(((b * Lb + q0) * Hq + h) * D) * esize;
+    OnlineTile{ws[g], nq, D}.finish(out, Hq * D, p.dtype, p.lse + (b * Lb + q0) * Hq + h, Hq);
   }
-  for (int64_t k0 = 0; k0 < Lb; k0 += BK) {
-    const int64_t row0 = (b * Lb + k0) * Hkv + hk;
-    const int64_t nk = std::min(BK, Lb - k0);
-    cpu::load_tile_transposed(w.kt.data(), BK, cpu::Rows{at(p.k_new, row0 * D), Hkv * D, p.dtype}, nk, D, 1.0f,
-                              w.row.data());
-    cpu::load_tile(w.v.data(), cpu::Rows{at(p.v_new, row0 * D), Hkv * D, p.dtype}, nk, nk, D, 1.0f);
-    tile.add(w.kt.data(), w.v.data(), nk, nullptr);
-  }
-  char* out = static_cast<char*>(p.out) + static_cast<size_t>(((b * Lb + q0) * Hq + h) * D) * esize;
-  tile.finish(out, Hq * D, p.dtype, p.lse + (b * Lb + q0) * Hq + h, Hq);
 }
 
 }  // namespace
@@ -183,14 +187,14 @@ Status block_attention_fwd_cpu(const BlockAttentionParams& p) {
 Status block_attention_decode_cpu(const BlockAttentionDecodeParams& p) {
   if (p.dtype == DType::kFloat16 || p.heads_kv < 1 || p.heads_q % p.heads_kv != 0) return Status::kBadArgument;
   const int64_t q_tiles = (p.block + BQ - 1) / BQ;
-  const int64_t tasks = p.batch * q_tiles * p.heads_q;
+  const int64_t tasks = p.batch * q_tiles * p.heads_kv;
 #pragma omp parallel if (tasks > 1)
   {
-    FwdScratch w(p.head_dim);
+    std::vector<FwdScratch> ws(static_cast<size_t>(p.heads_q / p.heads_kv), FwdScratch(p.head_dim));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t h = task % p.heads_q, t = (task / p.heads_q) % q_tiles, b = task / (p.heads_q * q_tiles);
-      decode_task(p, w, b, t, h);
+      const int64_t hk = task % p.heads_kv, t = (task / p.heads_kv) % q_tiles, b = task / (p.heads_kv * q_tiles);
+      decode_task(p, ws, b, t, hk);
     }
   }
   return Status::kOk;
