@@ -3,7 +3,9 @@
 //
 // Everything here is always inlined into the per-task functions, which are compiled once per x86 ISA
 // level (LLADA_CPU_CLONES: AVX-512, AVX2, baseline) and picked at load time, so the library runs on
-// any x86-64 CPU and uses 512-bit FMAs where the CPU has them. Tiles are BQ query rows x BK keys.
+// any x86-64 CPU and uses 512-bit FMAs where the CPU has them. A lambda inside a cloned function is
+// not cloned (it compiles for the baseline ISA): hot helpers are LLADA_CPU_INLINE functions instead.
+// Tiles are BQ query rows x BK keys.
 #pragma once
 
 #include <cmath>
