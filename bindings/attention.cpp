@@ -1,5 +1,6 @@
 // Bindings of the block-attention family (csrc/attention): validate the tensors (shapes, dtypes,
-// devices, cu_seqlens, mask arguments), fill llada::BlockAttention*Params and call the CPU kernels.
+// devices, cu_seqlens, mask arguments), fill llada::BlockAttention*Params and call the kernels: CPU for
+// every op, CUDA for the forward. cu_seqlens on a GPU are copied to the host once to be validated.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -9,11 +10,21 @@
 
 #include "llada/attention.h"
 
+#ifdef LLADA_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
 namespace {
 
 using at::Tensor;
 
 llada::DType attention_dtype(const Tensor& t, const char* op, const char* name) {
+  if (t.is_cuda()) {
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf, op, ": ", name,
+                     " must be bfloat16 or float16 on CUDA, got ", t.scalar_type());
+    return t.scalar_type() == at::kBFloat16 ? llada::DType::kBFloat16 : llada::DType::kFloat16;
+  }
   switch (t.scalar_type()) {
     case at::kFloat: return llada::DType::kFloat32;
     case at::kBFloat16: return llada::DType::kBFloat16;
@@ -39,12 +50,13 @@ void check_same_device(const char* op, std::initializer_list<std::pair<const cha
 }
 
 // Checks one cu_seqlens: int32 [S + 1], 0 first, non-decreasing, `total` last; returns the longest length.
-int64_t check_cu_seqlens(const Tensor& cu, const char* name, int64_t S, int64_t total) {
+// `host` is cu on the CPU.
+int64_t check_cu_seqlens(const Tensor& cu, const Tensor& host, const char* name, int64_t S, int64_t total) {
   TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, "block_attention: ", name, " must be int32, got ", cu.scalar_type());
   TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) == S + 1, "block_attention: ", name, " must be [S + 1] = [", S + 1,
                     "] like cu_seqlens_q, got shape ", cu.sizes());
   TORCH_CHECK_VALUE(cu.is_contiguous(), "block_attention: ", name, " must be contiguous");
-  const int32_t* c = cu.data_ptr<int32_t>();
+  const int32_t* c = host.data_ptr<int32_t>();
   TORCH_CHECK_VALUE(c[0] == 0, "block_attention: ", name, "[0] must be 0, got ", c[0]);
   int64_t longest = 0;
   for (int64_t s = 0; s < S; ++s) {
@@ -65,7 +77,6 @@ llada::BlockAttentionParams make_params(const Tensor& q, const Tensor& k, const 
   TORCH_CHECK_VALUE(v.sizes() == k.sizes(), op, ": v must have the shape of k ", k.sizes(), ", got ", v.sizes());
   check_same_device(op, {{"q", &q}, {"k", &k}, {"v", &v}, {"cu_seqlens_q", &cu_seqlens_q},
                          {"cu_seqlens_k", &cu_seqlens_k}});
-  TORCH_CHECK_VALUE(q.is_cpu(), op, ": llada_engine was built without CUDA kernels; q is on ", q.device());
   const llada::DType dtype = attention_dtype(q, op, "q");
   TORCH_CHECK_TYPE(k.scalar_type() == q.scalar_type() && v.scalar_type() == q.scalar_type(), op,
                    ": k and v must have the dtype of q (", q.scalar_type(), "), got ", k.scalar_type(), " and ",
@@ -78,17 +89,19 @@ llada::BlockAttentionParams make_params(const Tensor& q, const Tensor& k, const 
   TORCH_CHECK_VALUE(std::isfinite(softmax_scale), op, ": softmax_scale must be finite, got ", softmax_scale);
   TORCH_CHECK_VALUE(cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) >= 1, op,
                     ": cu_seqlens_q must be [S + 1] with S >= 0, got shape ", cu_seqlens_q.sizes());
+  TORCH_CHECK_VALUE(!q.is_cuda() || D == 64 || D == 128, op, ": the head dim of q must be 64 or 128 on CUDA, got ", D);
   const int64_t S = cu_seqlens_q.size(0) - 1;
-  const int64_t longest_q = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", S, q.size(0));
-  const int64_t longest_k = check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", S, k.size(0));
+  const Tensor cu_q_host = cu_seqlens_q.cpu(), cu_k_host = cu_seqlens_k.cpu();
+  const int64_t longest_q = check_cu_seqlens(cu_seqlens_q, cu_q_host, "cu_seqlens_q", S, q.size(0));
+  const int64_t longest_k = check_cu_seqlens(cu_seqlens_k, cu_k_host, "cu_seqlens_k", S, k.size(0));
   TORCH_CHECK_VALUE(max_seqlen_q >= longest_q, op, ": max_seqlen_q (", max_seqlen_q,
                     ") is below the longest query sequence (", longest_q, ")");
   TORCH_CHECK_VALUE(max_seqlen_k >= longest_k, op, ": max_seqlen_k (", max_seqlen_k,
                     ") is below the longest key sequence (", longest_k, ")");
   const llada::AttentionMask kind = parse_mask(mask);
   if (kind == llada::AttentionMask::kBd3) {
-    const int32_t* cq = cu_seqlens_q.data_ptr<int32_t>();
-    const int32_t* ck = cu_seqlens_k.data_ptr<int32_t>();
+    const int32_t* cq = cu_q_host.data_ptr<int32_t>();
+    const int32_t* ck = cu_k_host.data_ptr<int32_t>();
     for (int64_t s = 0; s < S; ++s) {
       const int64_t lq = cq[s + 1] - cq[s], lk = ck[s + 1] - ck[s];
       TORCH_CHECK_VALUE(lq == lk && lq % 2 == 0, op, ": mask \"bd3\" needs [x_t | x_0] sequences of even length "
@@ -137,7 +150,16 @@ std::tuple<Tensor, Tensor> block_attention_fwd(const Tensor& q_in, const Tensor&
   Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  check_status(llada::block_attention_fwd_cpu(p), "block_attention");
+  if (q.is_cpu()) {
+    check_status(llada::block_attention_fwd_cpu(p), "block_attention");
+  } else {
+#ifdef LLADA_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(q.device());
+    check_status(llada::block_attention_fwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream()), "block_attention");
+#else
+    TORCH_CHECK(false, "block_attention: llada_engine was built without CUDA kernels");
+#endif
+  }
   return {out, lse};
 }
 
@@ -146,6 +168,7 @@ std::tuple<Tensor, Tensor, Tensor> block_attention_bwd(
     const Tensor& lse, const std::optional<Tensor>& dlse, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t block_size, const std::string& mask, double softmax_scale) {
   const char* op = "block_attention_bwd";
+  TORCH_CHECK_VALUE(q_in.is_cpu(), op, ": the backward runs on the CPU only so far; q is on ", q_in.device());
   const Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   llada::BlockAttentionBwdParams p;
   p.fwd = make_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, mask, softmax_scale);
@@ -208,7 +231,7 @@ std::tuple<Tensor, Tensor> block_attention_decode(const Tensor& q_in, const Tens
                     "], got shape ", cache_seqlens.sizes());
   check_same_device(op, {{"q", &q_in}, {"k_cache", &k_cache_in}, {"v_cache", &v_cache_in},
                          {"cache_seqlens", &cache_seqlens}, {"k_new", &k_new_in}, {"v_new", &v_new_in}});
-  TORCH_CHECK_VALUE(q_in.is_cpu(), op, ": llada_engine was built without CUDA kernels; q is on ", q_in.device());
+  TORCH_CHECK_VALUE(q_in.is_cpu(), op, ": the decode form runs on the CPU only so far; q is on ", q_in.device());
   const llada::DType dtype = attention_dtype(q_in, op, "q");
   for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"k_cache", &k_cache_in}, {"v_cache", &v_cache_in},
                                 {"k_new", &k_new_in}, {"v_new", &v_new_in}})
@@ -253,3 +276,9 @@ TORCH_LIBRARY_IMPL(llada, CPU, m) {
   m.impl("block_attention_bwd", &block_attention_bwd);
   m.impl("block_attention_decode", &block_attention_decode);
 }
+
+#ifdef LLADA_WITH_CUDA
+TORCH_LIBRARY_IMPL(llada, CUDA, m) {
+  m.impl("block_attention_fwd", &block_attention_fwd);
+}
+#endif

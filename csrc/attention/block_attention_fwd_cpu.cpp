@@ -4,7 +4,9 @@
 // One task is (sequence, query tile of BQ rows, query head). It keeps the tile's output, running max
 // and running sum in fp32 and walks the key tiles of the sequence with an online softmax
 // (FlashAttention-2): key tiles the mask removes are skipped, full tiles run without the mask,
-// partial tiles compare mask coordinates per element. Memory is O(threads x tile), never O(T^2).
+// partial tiles compare mask coordinates per element. Keys and values are first converted to fp32
+// key tiles (transposed, [D, BK]) and value tiles ([BK, D]) once per call, so that the G query heads
+// of a GQA group and every query tile share them. Memory is O(T + threads x tile), never O(T^2).
 #include <omp.h>
 
 #include <utility>
@@ -12,6 +14,7 @@
 
 #include "attention/block_mask.h"
 #include "attention/cpu_tile.h"
+#include "attention/kv_tiles.h"
 #include "llada/attention.h"
 
 namespace llada {
@@ -28,8 +31,8 @@ struct FwdScratch {
   std::vector<float> q;   // [BQ, D] scaled queries
   std::vector<float> o;   // [BQ, D] unnormalised output
   std::vector<float> s;   // [BQ, BK] scores, then probabilities
-  std::vector<float> kt;  // [D, BK] keys, transposed
-  std::vector<float> v;   // [BK, D]
+  std::vector<float> kt;  // [D, BK] keys, transposed (decode: loaded per tile, shared by a GQA group)
+  std::vector<float> v;   // [BK, D] (decode)
   std::vector<float> row;  // [D]
   std::vector<float> m;   // [BQ] running max of the scaled scores
   std::vector<float> l;   // [BQ] running sum of exp(score - m)
@@ -49,12 +52,12 @@ struct OnlineTile {
     std::fill(w.l.begin(), w.l.begin() + nq, 0.0f);
   }
 
-  // Folds in nk keys / values; with `mask` set, w.qc / w.kc hold the coordinates of a partial tile.
-  LLADA_CPU_INLINE void add(const cpu::Rows& k, const cpu::Rows& v, int64_t nk, const AttentionMask* mask) {
-    cpu::load_tile_transposed(w.kt.data(), BK, k, nk, D, 1.0f, w.row.data());
-    cpu::load_tile(w.v.data(), v, nk, BK, D, 1.0f);
+  // Folds in nk keys: kt [D, BK] transposed keys, v [nk, D] values. With `mask` set, w.qc / w.kc hold
+  // the coordinates of a partial tile. Columns nk..BK of kt may hold anything finite or not: they are
+  // replaced by -inf before the softmax and never reach the output.
+  LLADA_CPU_INLINE void add(const float* kt, const float* v, int64_t nk, const AttentionMask* mask) {
     float* s = w.s.data();
-    cpu::gemm<false>(nq, BK, D, w.q.data(), D, w.kt.data(), BK, s, BK);  // [nq, BK] = Q K^T
+    cpu::gemm<false>(nq, BK, D, w.q.data(), D, kt, BK, s, BK);  // [nq, BK] = Q K^T
     for (int64_t i = 0; i < nq; ++i) {
       float* si = s + i * BK;
       if (mask) cpu::mask_row(si, *mask, w.qc.block[i], w.qc.clean[i], w.kc, nk);
@@ -74,7 +77,7 @@ struct OnlineTile {
         for (int64_t d = 0; d < D; ++d) oi[d] *= alpha_or_zero;
       }
     }
-    cpu::gemm<true>(nq, D, BK, s, BK, w.v.data(), D, w.o.data(), D);  // O += P V
+    cpu::gemm<true>(nq, D, nk, s, BK, v, D, w.o.data(), D);  // O += P V
   }
 
   // out rows [nq, D] of `dtype` at out_row_stride; lse at lse_stride. Rows that saw no key get 0, -inf.
@@ -91,8 +94,8 @@ struct OnlineTile {
   }
 };
 
-LLADA_CPU_CLONES void forward_task(const BlockAttentionParams& p, FwdScratch& w, int64_t seq, int64_t q_tile,
-                                   int64_t h) {
+LLADA_CPU_CLONES void forward_task(const BlockAttentionParams& p, const cpu::KvTiles& kv, FwdScratch& w, int64_t seq,
+                                   int64_t q_tile, int64_t h) {
   const int64_t D = p.head_dim;
   const int64_t cq = p.cu_seqlens_q[seq], ck = p.cu_seqlens_k[seq];
   const DocMask dm{p.mask, p.block_size, p.cu_seqlens_q[seq + 1] - cq, p.cu_seqlens_k[seq + 1] - ck};
@@ -113,42 +116,48 @@ LLADA_CPU_CLONES void forward_task(const BlockAttentionParams& p, FwdScratch& w,
     const TileKind kind = classify_tile(dm, q0, q0 + nq, k0, k0 + nk);
     if (kind == TileKind::kSkip) continue;
     if (kind == TileKind::kPartial) cpu::key_coords(w.kc, dm, k0, nk);
-    const cpu::Rows k{static_cast<const char*>(p.k) + static_cast<size_t>((ck + k0) * p.k_row_stride + hk * p.k_head_stride) * esize,
-                      p.k_row_stride, p.dtype};
-    const cpu::Rows v{static_cast<const char*>(p.v) + static_cast<size_t>((ck + k0) * p.v_row_stride + hk * p.v_head_stride) * esize,
-                      p.v_row_stride, p.dtype};
-    tile.add(k, v, nk, kind == TileKind::kPartial ? &p.mask : nullptr);
+    tile.add(kv.at(kv.kt, seq, k0, hk), kv.at(kv.v, seq, k0, hk), nk, kind == TileKind::kPartial ? &p.mask : nullptr);
   }
   char* out = static_cast<char*>(p.out) + static_cast<size_t>(((cq + q0) * p.heads_q + h) * D) * esize;
   tile.finish(out, p.heads_q * D, p.dtype, p.lse + (cq + q0) * p.heads_q + h, p.heads_q);
 }
 
-LLADA_CPU_CLONES void decode_task(const BlockAttentionDecodeParams& p, FwdScratch& w, int64_t b, int64_t q_tile,
-                                  int64_t h) {
-  const int64_t D = p.head_dim, Lb = p.block, Hq = p.heads_q, Hkv = p.heads_kv;
+// Folds one key / value tile (rows row0.. of a [*, Hkv, D] tensor) into the G query tiles of a GQA group;
+// the tile is converted once into ws[0].kt / ws[0].v.
+LLADA_CPU_INLINE void decode_add_tile(const BlockAttentionDecodeParams& p, std::vector<FwdScratch>& ws, int64_t nq,
+                                      const void* k_base, const void* v_base, int64_t row0, int64_t nk) {
+  const int64_t D = p.head_dim, Hkv = p.heads_kv;
+  const size_t esize = cpu::dtype_bytes(p.dtype);
+  const cpu::Rows k{static_cast<const char*>(k_base) + static_cast<size_t>(row0 * D) * esize, Hkv * D, p.dtype};
+  const cpu::Rows v{static_cast<const char*>(v_base) + static_cast<size_t>(row0 * D) * esize, Hkv * D, p.dtype};
+  float* kt_tile = ws[0].kt.data();
+  float* v_tile = ws[0].v.data();
+  cpu::load_tile_transposed(kt_tile, BK, k, nk, D, 1.0f, ws[0].row.data());
+  cpu::load_tile(v_tile, v, nk, nk, D, 1.0f);
+  for (FwdScratch& w : ws) OnlineTile{w, nq, D}.add(kt_tile, v_tile, nk, nullptr);
+}
+
+// One task is (sequence, query tile, kv head): the G query heads of the group share every key tile.
+LLADA_CPU_CLONES void decode_task(const BlockAttentionDecodeParams& p, std::vector<FwdScratch>& ws, int64_t b,
+                                  int64_t q_tile, int64_t hk) {
+  const int64_t D = p.head_dim, Lb = p.block, Hq = p.heads_q, Hkv = p.heads_kv, G = Hq / Hkv;
   const int64_t q0 = q_tile * BQ;
   const int64_t nq = std::min(BQ, Lb - q0);
-  const int64_t hk = h / (Hq / Hkv);
   const size_t esize = cpu::dtype_bytes(p.dtype);
-  const auto at = [esize](const void* base, int64_t element) {
-    return static_cast<const char*>(base) + static_cast<size_t>(element) * esize;
-  };
-
-  OnlineTile tile{w, nq, D};
-  tile.begin(cpu::Rows{at(p.q, ((b * Lb + q0) * Hq + h) * D), Hq * D, p.dtype}, p.softmax_scale);
+  for (int64_t g = 0; g < G; ++g) {
+    const char* q = static_cast<const char*>(p.q) + static_cast<size_t>(((b * Lb + q0) * Hq + hk * G + g) * D) * esize;
+    OnlineTile{ws[g], nq, D}.begin(cpu::Rows{q, Hq * D, p.dtype}, p.softmax_scale);
+  }
   const int64_t cached = p.cache_seqlens[b];
-  for (int64_t k0 = 0; k0 < cached; k0 += BK) {
-    const int64_t row0 = (b * p.cache_capacity + k0) * Hkv + hk;
-    tile.add(cpu::Rows{at(p.k_cache, row0 * D), Hkv * D, p.dtype}, cpu::Rows{at(p.v_cache, row0 * D), Hkv * D, p.dtype},
-             std::min(BK, cached - k0), nullptr);
+  for (int64_t k0 = 0; k0 < cached; k0 += BK)
+    decode_add_tile(p, ws, nq, p.k_cache, p.v_cache, (b * p.cache_capacity + k0) * Hkv + hk, std::min(BK, cached - k0));
+  for (int64_t k0 = 0; k0 < Lb; k0 += BK)
+    decode_add_tile(p, ws, nq, p.k_new, p.v_new, (b * Lb + k0) * Hkv + hk, std::min(BK, Lb - k0));
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t h = hk * G + g;
+    char* out = static_cast<char*>(p.out) + static_cast<size_t>(((b * Lb + q0) * Hq + h) * D) * esize;
+    OnlineTile{ws[g], nq, D}.finish(out, Hq * D, p.dtype, p.lse + (b * Lb + q0) * Hq + h, Hq);
   }
-  for (int64_t k0 = 0; k0 < Lb; k0 += BK) {
-    const int64_t row0 = (b * Lb + k0) * Hkv + hk;
-    tile.add(cpu::Rows{at(p.k_new, row0 * D), Hkv * D, p.dtype}, cpu::Rows{at(p.v_new, row0 * D), Hkv * D, p.dtype},
-             std::min(BK, Lb - k0), nullptr);
-  }
-  char* out = static_cast<char*>(p.out) + static_cast<size_t>(((b * Lb + q0) * Hq + h) * D) * esize;
-  tile.finish(out, Hq * D, p.dtype, p.lse + (b * Lb + q0) * Hq + h, Hq);
 }
 
 }  // namespace
@@ -161,6 +170,7 @@ Status block_attention_fwd_cpu(const BlockAttentionParams& p) {
     const int64_t len_q = p.cu_seqlens_q[s + 1] - p.cu_seqlens_q[s];
     for (int64_t t = 0; t * BQ < len_q; ++t) tiles.emplace_back(s, t);
   }
+  const cpu::KvTiles kv = cpu::make_kv_tiles(p, cpu::kKeysT | cpu::kValues);
   const int64_t tasks = static_cast<int64_t>(tiles.size()) * p.heads_q;
 #pragma omp parallel if (tasks > 1)
   {
@@ -168,7 +178,7 @@ Status block_attention_fwd_cpu(const BlockAttentionParams& p) {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
       const auto& [s, t] = tiles[task / p.heads_q];
-      forward_task(p, w, s, t, task % p.heads_q);
+      forward_task(p, kv, w, s, t, task % p.heads_q);
     }
   }
   return Status::kOk;
@@ -177,14 +187,14 @@ Status block_attention_fwd_cpu(const BlockAttentionParams& p) {
 Status block_attention_decode_cpu(const BlockAttentionDecodeParams& p) {
   if (p.dtype == DType::kFloat16 || p.heads_kv < 1 || p.heads_q % p.heads_kv != 0) return Status::kBadArgument;
   const int64_t q_tiles = (p.block + BQ - 1) / BQ;
-  const int64_t tasks = p.batch * q_tiles * p.heads_q;
+  const int64_t tasks = p.batch * q_tiles * p.heads_kv;
 #pragma omp parallel if (tasks > 1)
   {
-    FwdScratch w(p.head_dim);
+    std::vector<FwdScratch> ws(static_cast<size_t>(p.heads_q / p.heads_kv), FwdScratch(p.head_dim));
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < tasks; ++task) {
-      const int64_t h = task % p.heads_q, t = (task / p.heads_q) % q_tiles, b = task / (p.heads_q * q_tiles);
-      decode_task(p, w, b, t, h);
+      const int64_t hk = task % p.heads_kv, t = (task / p.heads_kv) % q_tiles, b = task / (p.heads_kv * q_tiles);
+      decode_task(p, ws, b, t, hk);
     }
   }
   return Status::kOk;

@@ -3,7 +3,9 @@
 //
 // Everything here is always inlined into the per-task functions, which are compiled once per x86 ISA
 // level (LLADA_CPU_CLONES: AVX-512, AVX2, baseline) and picked at load time, so the library runs on
-// any x86-64 CPU and uses 512-bit FMAs where the CPU has them. Tiles are BQ query rows x BK keys.
+// any x86-64 CPU and uses 512-bit FMAs where the CPU has them. A lambda inside a cloned function is
+// not cloned (it compiles for the baseline ISA): hot helpers are LLADA_CPU_INLINE functions instead.
+// Tiles are BQ query rows x BK keys.
 #pragma once
 
 #include <cmath>
@@ -23,10 +25,6 @@
 #endif
 #define LLADA_CPU_INLINE inline __attribute__((always_inline))
 
-// 64-byte vectors are passed only between always-inlined functions: the ABI note does not apply.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 namespace llada {
 namespace cpu {
 
@@ -35,14 +33,6 @@ constexpr int64_t BK = 64;  // keys per tile
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 typedef float vf16 __attribute__((vector_size(64)));
-
-LLADA_CPU_INLINE vf16 load16(const float* p) {
-  vf16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-LLADA_CPU_INLINE void store16(float* p, vf16 v) { std::memcpy(p, &v, sizeof(v)); }
 
 LLADA_CPU_INLINE uint16_t float_to_bf16_bits(float f) {
   const uint32_t u = float_to_bits(f);
@@ -115,17 +105,20 @@ LLADA_CPU_INLINE void gemm_block(int64_t K, const float* A, int64_t lda, const f
                                  int64_t ldc) {
   vf16 c[MR][NV];
   for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) c[r][v] = kAccumulate ? load16(C + r * ldc + 16 * v) : vf16{};
+    for (int v = 0; v < NV; ++v) {
+      c[r][v] = vf16{};
+      if (kAccumulate) std::memcpy(&c[r][v], C + r * ldc + 16 * v, sizeof(vf16));
+    }
   for (int64_t k = 0; k < K; ++k) {
     vf16 b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = load16(B + k * ldb + 16 * v);
+    for (int v = 0; v < NV; ++v) std::memcpy(&b[v], B + k * ldb + 16 * v, sizeof(vf16));
     for (int r = 0; r < MR; ++r) {
       const float a = A[r * lda + k];
       for (int v = 0; v < NV; ++v) c[r][v] += a * b[v];
     }
   }
   for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < NV; ++v) store16(C + r * ldc + 16 * v, c[r][v]);
+    for (int v = 0; v < NV; ++v) std::memcpy(C + r * ldc + 16 * v, &c[r][v], sizeof(vf16));
 }
 
 template <int MR, bool kAccumulate>
@@ -142,16 +135,21 @@ LLADA_CPU_INLINE void gemm_rows(int64_t N, int64_t K, const float* A, int64_t ld
     }
 }
 
-// C[M x N] (+)= A[M x K] B[K x N], fp32, row-major with leading dimensions.
+// C[M x N] (+)= A[M x K] B[K x N], fp32, row-major with leading dimensions. Panels of 6 rows x 64
+// columns keep 24 accumulators in AVX-512 registers.
 template <bool kAccumulate>
 LLADA_CPU_INLINE void gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
                            int64_t ldb, float* C, int64_t ldc) {
   int64_t m0 = 0;
-  for (; m0 + 4 <= M; m0 += 4) gemm_rows<4, kAccumulate>(N, K, A + m0 * lda, lda, B, ldb, C + m0 * ldc, ldc);
+  for (; m0 + 6 <= M; m0 += 6) gemm_rows<6, kAccumulate>(N, K, A + m0 * lda, lda, B, ldb, C + m0 * ldc, ldc);
+  const float* a = A + m0 * lda;
+  float* c = C + m0 * ldc;
   switch (M - m0) {
-    case 3: gemm_rows<3, kAccumulate>(N, K, A + m0 * lda, lda, B, ldb, C + m0 * ldc, ldc); break;
-    case 2: gemm_rows<2, kAccumulate>(N, K, A + m0 * lda, lda, B, ldb, C + m0 * ldc, ldc); break;
-    case 1: gemm_rows<1, kAccumulate>(N, K, A + m0 * lda, lda, B, ldb, C + m0 * ldc, ldc); break;
+    case 5: gemm_rows<5, kAccumulate>(N, K, a, lda, B, ldb, c, ldc); break;
+    case 4: gemm_rows<4, kAccumulate>(N, K, a, lda, B, ldb, c, ldc); break;
+    case 3: gemm_rows<3, kAccumulate>(N, K, a, lda, B, ldb, c, ldc); break;
+    case 2: gemm_rows<2, kAccumulate>(N, K, a, lda, B, ldb, c, ldc); break;
+    case 1: gemm_rows<1, kAccumulate>(N, K, a, lda, B, ldb, c, ldc); break;
     default: break;
   }
 }
@@ -214,5 +212,3 @@ LLADA_CPU_INLINE float max_row(const float* s, int64_t n) {
 
 }  // namespace cpu
 }  // namespace llada
-
-#pragma GCC diagnostic pop

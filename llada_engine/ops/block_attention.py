@@ -84,7 +84,8 @@ def _attend_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch
     v = v.repeat_interleave(group, 0)
     seen = keep.any(-1)                                             # [Lq]
     # Rows that see no key attend to everything inside SDPA (no NaN) and are zeroed after.
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep | ~seen[:, None], scale=scale)
+    # 4-D inputs: the CPU's fused SDPA kernel takes [B, H, L, D] only (3-D would fall back to the math path).
+    out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=keep | ~seen[:, None], scale=scale)[0]
     out = torch.where(seen[None, :, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
     lse = None
     if return_lse:

@@ -14,6 +14,10 @@
 #include "llada/dtype.h"
 #include "llada/status.h"
 
+#ifdef LLADA_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
 namespace llada {
 
 enum class AttentionMask : int {
@@ -77,5 +81,11 @@ struct BlockAttentionDecodeParams {
 Status block_attention_fwd_cpu(const BlockAttentionParams& p);
 Status block_attention_bwd_cpu(const BlockAttentionBwdParams& p);
 Status block_attention_decode_cpu(const BlockAttentionDecodeParams& p);
+
+#ifdef LLADA_WITH_CUDA
+// CUDA forward (CuTe, sm_80 / sm_90), asynchronous on `stream`: bf16 and fp16, D in {64, 128}
+// (kBadArgument otherwise). Launches ceil(max_seqlen_q / 64) query tiles per sequence and head.
+Status block_attention_fwd_cuda(const BlockAttentionParams& p, cudaStream_t stream);
+#endif
 
 }  // namespace llada

@@ -1,0 +1,134 @@
+"""Benchmark of block attention (DESIGN.md §3.1): ours against the dense-mask reference (SDPA per document
+over a boolean mask) and, on a GPU, FlexAttention with the equivalent block mask; forward and backward,
+masks bd3 and block_causal, LLaDA2.0 heads (Hq 16, Hkv 4, D 128), packed documents of mixed lengths.
+
+    python -m benchmarks.block_attention [--quick] [--tokens 4096 8192 16384] [--dtype float32|bfloat16]
+
+TFLOP/s count only the work the mask keeps (4 D flops per kept (query, key, head) forward, 2.5x that
+backward); `peak` is the fraction of this machine's measured matmul FLOP/s in the same dtype.
+Prints a table, then one JSON line (last).
+"""
+import argparse
+import platform
+
+import torch
+
+from benchmarks.timer import peak_flops, print_json, print_table, time_fn
+from llada_engine.ops import block_attention, block_attention_ref, block_mask_dense
+
+HEADS_Q, HEADS_KV, HEAD_DIM, BLOCK_SIZE = 16, 4, 128, 32
+
+
+def document_lengths(total: int) -> list[int]:
+    """Mixed document lengths summing to `total` (a multiple of 64): halves down to 1/32, even lengths."""
+    lengths, left = [], total
+    for share in (2, 4, 8, 16, 32):
+        lengths.append(total // share)
+        left -= total // share
+    lengths.append(left)
+    return lengths
+
+
+def kept_pairs(mask: str, lengths: list[int]) -> int:
+    return sum(int(block_mask_dense(mask, BLOCK_SIZE, n, n).sum()) for n in lengths)
+
+
+def flex_attention_fn(mask: str, lengths: list[int], device: str):
+    """FlexAttention with the same document + block mask (GPU only), or None where torch lacks it."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
+    start = torch.tensor([0] + lengths, device=device).cumsum(0)[:-1][doc]
+    half = torch.tensor(lengths, device=device)[doc] // 2
+    pos = torch.arange(len(doc), device=device) - start
+
+    def block_causal(b, h, qi, ki):
+        return (doc[qi] == doc[ki]) & (pos[ki] // BLOCK_SIZE <= pos[qi] // BLOCK_SIZE)
+
+    def bd3(b, h, qi, ki):
+        n = half[qi]
+        q_clean, k_clean = pos[qi] >= n, pos[ki] >= n
+        bq, bk = (pos[qi] - n * q_clean) // BLOCK_SIZE, (pos[ki] - n * k_clean) // BLOCK_SIZE
+        keep = torch.where(q_clean, k_clean & (bk <= bq), torch.where(k_clean, bk < bq, bk == bq))
+        return (doc[qi] == doc[ki]) & keep
+
+    T = len(doc)
+    block_mask = create_block_mask(bd3 if mask == "bd3" else block_causal, None, None, T, T, device=device)
+    compiled = torch.compile(flex_attention)
+
+    def run(q, k, v):  # [T, H, D] -> [1, H, T, D]
+        out = compiled(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
+                       block_mask=block_mask, enable_gqa=True)
+        return out[0].transpose(0, 1)
+    return run
+
+
+def bench_case(mask: str, total: int, device: str, dtype: torch.dtype, repeats: int, peak: float) -> list[dict]:
+    lengths = document_lengths(total)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(total, HEADS_Q, HEAD_DIM, generator=g).to(device, dtype)
+    k = torch.randn(total, HEADS_KV, HEAD_DIM, generator=g).to(device, dtype)
+    v = torch.randn(total, HEADS_KV, HEAD_DIM, generator=g).to(device, dtype)
+    dout = torch.randn(total, HEADS_Q, HEAD_DIM, generator=g).to(device, dtype)
+    cu = torch.tensor([0] + lengths, device=device).cumsum(0).to(torch.int32)
+    args = (cu, cu, max(lengths), max(lengths))
+    kw = dict(block_size=BLOCK_SIZE, mask=mask)
+    fwd_flops = 4 * HEAD_DIM * HEADS_Q * kept_pairs(mask, lengths)
+    timing = dict(device=device, warmup=1, repeats=repeats)
+
+    def with_grad(fn):
+        qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
+        out = fn(qg, kg, vg)
+        return lambda: torch.autograd.grad(out, (qg, kg, vg), dout, retain_graph=True)
+
+    impls = {"ours": lambda a, b, c: block_attention(a, b, c, *args, **kw),
+             "dense_ref": lambda a, b, c: block_attention_ref(a, b, c, *args, **kw)}
+    if device.startswith("cuda"):
+        flex = flex_attention_fn(mask, lengths, device)
+        if flex is not None:
+            impls["flex"] = flex
+    rows = []
+    for name, fn in impls.items():
+        for direction, run, flops in (("fwd", lambda: fn(q, k, v), fwd_flops), ("bwd", None, 2.5 * fwd_flops)):
+            try:
+                seconds = time_fn(run or with_grad(fn), **timing)
+            except (NotImplementedError, ValueError) as error:  # e.g. an op with no CUDA kernel yet
+                print(f"# {name} {mask} {total} {direction}: unavailable ({str(error).splitlines()[0]})")
+                continue
+            rows.append(dict(impl=name, mask=mask, tokens=total, docs=len(lengths), dir=direction,
+                             ms=seconds * 1e3, tflops=flops / seconds / 1e12, peak=flops / seconds / peak))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one small case, seconds")
+    parser.add_argument("--tokens", type=int, nargs="+", help="packed tokens per batch (multiples of 64)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    opts = parser.parse_args()
+    dtype = getattr(torch, opts.dtype)
+    tokens = opts.tokens or ([2048] if opts.quick else ([4096, 8192, 16384] if opts.device != "cpu" else [4096, 8192]))
+    repeats = 1 if opts.quick else 3
+    peak = peak_flops(opts.device, dtype)
+    rows = []
+    for total in tokens:
+        for mask in ("bd3", "block_causal"):
+            rows += bench_case(mask, total, opts.device, dtype, repeats, peak)
+    print_table(rows)
+    speedup = {}
+    for r in rows:
+        ref = [x for x in rows if x["impl"] == "dense_ref" and all(x[c] == r[c] for c in ("mask", "tokens", "dir"))]
+        if r["impl"] == "ours" and ref:
+            speedup[f"{r['mask']}_{r['tokens']}_{r['dir']}"] = ref[0]["ms"] / r["ms"]
+    print_json({"benchmark": "block_attention", "device": opts.device,
+                "device_name": torch.cuda.get_device_name() if opts.device.startswith("cuda") else platform.processor(),
+                "threads": torch.get_num_threads(), "dtype": opts.dtype, "peak_tflops": peak / 1e12,
+                "heads_q": HEADS_Q, "heads_kv": HEADS_KV, "head_dim": HEAD_DIM, "block_size": BLOCK_SIZE,
+                "speedup_vs_dense_ref": speedup, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
