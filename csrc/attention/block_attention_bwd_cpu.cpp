@@ -71,7 +71,7 @@ LLADA_CPU_INLINE void softmax_grad_rows(float* s, const float* dp, int64_t nr, i
   }
 }
 
-LLADA_CPU_CLONES void dq_task(const BlockAttentionBwdParams& p, const cpu::KvTiles& kv, BwdScratch& w,
+LLADA_CPU_MULTIVERSION void dq_task(const BlockAttentionBwdParams& p, const cpu::KvTiles& kv, BwdScratch& w,
                               float* delta_out, int64_t seq, int64_t q_tile, int64_t h) {
   const BlockAttentionParams& f = p.fwd;
   const Views at{p, cpu::dtype_bytes(f.dtype)};
@@ -124,7 +124,7 @@ LLADA_CPU_CLONES void dq_task(const BlockAttentionBwdParams& p, const cpu::KvTil
   }
 }
 
-LLADA_CPU_CLONES void dkv_task(const BlockAttentionBwdParams& p, const cpu::KvTiles& kv, BwdScratch& w,
+LLADA_CPU_MULTIVERSION void dkv_task(const BlockAttentionBwdParams& p, const cpu::KvTiles& kv, BwdScratch& w,
                                const float* delta, int64_t seq, int64_t group_index, int64_t hk) {
   const BlockAttentionParams& f = p.fwd;
   const Views at{p, cpu::dtype_bytes(f.dtype)};

@@ -94,7 +94,7 @@ struct OnlineTile {
   }
 };
 
-LLADA_CPU_CLONES void forward_task(const BlockAttentionParams& p, const cpu::KvTiles& kv, FwdScratch& w, int64_t seq,
+LLADA_CPU_MULTIVERSION void forward_task(const BlockAttentionParams& p, const cpu::KvTiles& kv, FwdScratch& w, int64_t seq,
                                    int64_t q_tile, int64_t h) {
   const int64_t D = p.head_dim;
   const int64_t cq = p.cu_seqlens_q[seq], ck = p.cu_seqlens_k[seq];
@@ -138,7 +138,7 @@ LLADA_CPU_INLINE void decode_add_tile(const BlockAttentionDecodeParams& p, std::
 }
 
 // One task is (sequence, query tile, kv head): the G query heads of the group share every key tile.
-LLADA_CPU_CLONES void decode_task(const BlockAttentionDecodeParams& p, std::vector<FwdScratch>& ws, int64_t b,
+LLADA_CPU_MULTIVERSION void decode_task(const BlockAttentionDecodeParams& p, std::vector<FwdScratch>& ws, int64_t b,
                                   int64_t q_tile, int64_t hk) {
   const int64_t D = p.head_dim, Lb = p.block, Hq = p.heads_q, Hkv = p.heads_kv, G = Hq / Hkv;
   const int64_t q0 = q_tile * BQ;

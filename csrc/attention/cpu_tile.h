@@ -2,7 +2,7 @@
 // conversion, a register-blocked fp32 GEMM micro-kernel, and the masked exponentials of a score tile.
 //
 // Everything here is always inlined into the per-task functions, which are compiled once per x86 ISA
-// level (LLADA_CPU_CLONES: AVX-512, AVX2, baseline) and picked at load time, so the library runs on
+// level (LLADA_CPU_MULTIVERSION: AVX-512, AVX2, baseline) and picked at load time, so the library runs on
 // any x86-64 CPU and uses 512-bit FMAs where the CPU has them. A lambda inside a cloned function is
 // not cloned (it compiles for the baseline ISA): hot helpers are LLADA_CPU_INLINE functions instead.
 // Tiles are BQ query rows x BK keys.
@@ -18,11 +18,8 @@
 #include "common/float_bits.h"
 #include "llada/attention.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define LLADA_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define LLADA_CPU_CLONES
-#endif
+#include "common/host_device.h"
+
 #define LLADA_CPU_INLINE inline __attribute__((always_inline))
 
 namespace llada {
@@ -33,12 +30,6 @@ constexpr int64_t BK = 64;  // keys per tile
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 typedef float vf16 __attribute__((vector_size(64)));
-
-LLADA_CPU_INLINE uint16_t float_to_bf16_bits(float f) {
-  const uint32_t u = float_to_bits(f);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;  // NaN stays a quiet NaN
-  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  // round to nearest even
-}
 
 // dst[0, n) = scale * src row of `dtype`.
 LLADA_CPU_INLINE void load_row(float* dst, const void* src, DType dtype, int64_t n, float scale) {

@@ -9,7 +9,7 @@ namespace llada {
 namespace cpu {
 namespace {
 
-LLADA_CPU_CLONES void convert_tile(const BlockAttentionParams& p, KvTiles& kv, unsigned parts, int64_t seq,
+LLADA_CPU_MULTIVERSION void convert_tile(const BlockAttentionParams& p, KvTiles& kv, unsigned parts, int64_t seq,
                                    int64_t tile, int64_t hk, float* row) {
   const int64_t D = p.head_dim;
   const int64_t ck = p.cu_seqlens_k[seq];

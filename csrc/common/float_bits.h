@@ -26,6 +26,13 @@ LLADA_HD uint32_t float_to_bits(float f) {
 
 LLADA_HD float bf16_bits_to_float(uint16_t h) { return bits_to_float(static_cast<uint32_t>(h) << 16); }
 
+// fp32 to bf16 bits, round to nearest even; NaN stays a quiet NaN.
+LLADA_HD uint16_t float_to_bf16_bits(float f) {
+  const uint32_t u = float_to_bits(f);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
 // IEEE binary16 to binary32, exact for every input and branch-free (so CPU loops vectorise):
 // the exponent and mantissa are moved into place and rescaled by 2^(127-15), which also turns
 // half subnormals into the right fp32 normals; exponent 31 (inf, NaN) is patched by a select.
