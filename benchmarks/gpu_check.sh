@@ -31,7 +31,12 @@ step() {  # step NAME TIMEOUT_S COMMAND...: runs COMMAND with a time limit, logs
   return 0
 }
 
-benchmarks=(commit_tokens)
+benchmarks=(commit_tokens block_attention decode)
+declare -A gpu_args=(
+  [commit_tokens]="--device cuda"
+  [block_attention]="--device cuda --dtype bfloat16 --tokens 4096 16384"
+  [decode]="--device cuda --batch 1 16"
+)
 if [[ $dry_run -eq 1 ]]; then
   step gpu-tests 600 "$PYTHON" -m pytest -q -m gpu tests
   for b in "${benchmarks[@]}"; do step "bench-$b" 300 "$PYTHON" -m "benchmarks.$b" --device cpu --quick; done
@@ -47,11 +52,15 @@ else
   step build 420 "$PYTHON" setup.py build_ext --inplace
   "$PYTHON" -c "import torch, llada_engine; print(llada_engine.build_info())" | tee "$out/build_info.txt"
   step gpu-tests 300 "$PYTHON" -m pytest -q -m gpu tests
+  # Every op once on small inputs (the opcheck samples) under memcheck; one small case of each under racecheck.
   step memcheck 240 compute-sanitizer --tool memcheck --error-exitcode 1 \
-    "$PYTHON" -m pytest -q -m gpu -x tests/ops/test_commit_tokens.py -k "greedy or sampling_matches"
-  step racecheck 120 compute-sanitizer --tool racecheck --error-exitcode 1 \
-    "$PYTHON" -m pytest -q -m gpu -x tests/ops/test_commit_tokens.py -k "inplace_equals_functional"
-  for b in "${benchmarks[@]}"; do step "bench-$b" 240 "$PYTHON" -m "benchmarks.$b" --device cuda; done
+    "$PYTHON" -m pytest -q -m gpu -x tests/ops/test_opcheck.py
+  step racecheck 180 compute-sanitizer --tool racecheck --error-exitcode 1 \
+    "$PYTHON" -m pytest -q -m gpu -x tests/ops/test_opcheck.py -k "commit_tokens- or block_attention_fwd"
+  for b in "${benchmarks[@]}"; do
+    # shellcheck disable=SC2086
+    step "bench-$b" 240 "$PYTHON" -m "benchmarks.$b" ${gpu_args[$b]}
+  done
 fi
 
 for b in "${benchmarks[@]}"; do

@@ -1,12 +1,27 @@
 """Prints one short table from the JSON lines the benchmarks left in a folder (used by gpu_check.sh).
 
     python -m benchmarks.summarize OUT_DIR
+
+A row's case is made of its text and integer fields, its value of the timing, rate, fraction-of-peak and
+speedup fields it has (each benchmark names them a little differently).
 """
 import json
 import sys
 from pathlib import Path
 
 from benchmarks.timer import print_table
+
+VALUE_HINTS = ("ms", "speedup", "frac", "peak", "tflops", "GB/s", "tok_s", "TPF")
+
+
+def _case(row: dict) -> str:
+    return " ".join(f"{v}" if isinstance(v, str) else f"{k}={v}" for k, v in row.items()
+                    if isinstance(v, (str, int)) and not isinstance(v, bool))
+
+
+def _value(row: dict) -> str:
+    return ", ".join(f"{k}={v:.3g}" for k, v in row.items()
+                     if isinstance(v, float) and any(h.lower() in k.lower() for h in VALUE_HINTS))
 
 
 def main(argv=None) -> int:
@@ -16,14 +31,11 @@ def main(argv=None) -> int:
         try:
             record = json.loads(path.read_text().strip().splitlines()[-1])
         except (json.JSONDecodeError, IndexError):
-            rows.append({"benchmark": path.stem, "case": "no JSON result", "value": ""})
+            rows.append({"benchmark": path.stem, "device": "", "case": "no JSON result", "value": ""})
             continue
         for row in record.get("rows", []):
-            case = " ".join(str(row[k]) for k in ("shape", "dtype", "mode") if k in row)
-            value = ", ".join(f"{k}={row[k]:.3g}" for k in ("ours_ms", "speedup", "frac_peak_bw", "frac_peak_flops")
-                              if isinstance(row.get(k), float))
             rows.append({"benchmark": record.get("benchmark", path.stem), "device": record.get("device", ""),
-                         "case": case, "value": value})
+                         "case": _case(row), "value": _value(row)})
     print_table(rows)
     return 0
 
