@@ -133,12 +133,14 @@ def moe_experts_ref(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
     _, I = _check_expert_weights(x, w13, w2)
     acc_dtype = torch.promote_types(x.dtype, torch.float32)
     out = torch.zeros(x.shape, dtype=acc_dtype, device=x.device)        # [T, H]
-    for e in range(w13.shape[0]):
+    # One weight tensor per expert, as the official nn.ModuleList of experts holds them.
+    for e, (w13_e, w2_e) in enumerate(zip(w13.unbind(0), w2.unbind(0))):
         token, slot = torch.where(topk_ids == e)
         if token.numel() == 0:
             continue
-        h = F.linear(x[token], w13[e])                                  # [n, 2I]
-        y = F.linear(F.silu(h[:, :I]) * h[:, I:], w2[e])                # [n, H]
+        xe = x[token]                                                   # [n, H]
+        gate, up = F.linear(xe, w13_e[:I]), F.linear(xe, w13_e[I:])     # gate_proj, up_proj: [n, I]
+        y = F.linear(F.silu(gate) * up, w2_e)                           # down_proj: [n, H]
         out = out.index_add(0, token, y.to(acc_dtype) * topk_weights[token, slot].unsqueeze(-1))
     return out.to(x.dtype)
 

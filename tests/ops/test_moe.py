@@ -119,6 +119,13 @@ def test_permute_accepts_int64_ids_and_skewed_experts():
     assert out[1].tolist()[3:] == [150, 150, 150]  # experts 3 and 4 get nothing
 
 
+@pytest.fixture(params=["kernel", "aten"])
+def cpu_gemm(request, monkeypatch):
+    """Runs a test with each CPU grouped-GEMM backend (llada kernel, ATen per group); no effect on CUDA."""
+    monkeypatch.setenv("LLADA_MOE_CPU_GEMM", request.param)
+    return request.param
+
+
 GEMM_CASES = [  # (M, N, K, E, empty groups)
     (64, 48, 32, 4, ()), (53, 37, 19, 5, (1, 3)), (40, 33, 65, 3, (0, 2)), (0, 16, 8, 4, (0, 1, 2, 3)),
     (1, 1, 1, 1, ()), (300, 70, 130, 9, (8,))]
@@ -127,7 +134,7 @@ GEMM_CASES = [  # (M, N, K, E, empty groups)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("M,N,K,E,empty", GEMM_CASES)
 @pytest.mark.parametrize("transposed_b", [False, True])
-def test_grouped_gemm_matches_loop(device, M, N, K, E, empty, transposed_b):
+def test_grouped_gemm_matches_loop(cpu_gemm, device, M, N, K, E, empty, transposed_b):
     g = torch.Generator().manual_seed(M * 7 + K)
     offsets = random_offsets(M, E, generator=g, empty=empty).to(device) if M else torch.zeros(E + 1, dtype=torch.int32, device=device)
     a = torch.randn(M, K, generator=g).to(device)
@@ -140,7 +147,7 @@ def test_grouped_gemm_matches_loop(device, M, N, K, E, empty, transposed_b):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_grouped_gemm_one_group_holds_every_row(device):
+def test_grouped_gemm_one_group_holds_every_row(cpu_gemm, device):
     g = torch.Generator().manual_seed(5)
     M, N, K, E = 97, 41, 23, 6
     offsets = torch.tensor([0, 0, 0, M, M, M, M], dtype=torch.int32, device=device)
@@ -151,7 +158,7 @@ def test_grouped_gemm_one_group_holds_every_row(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("M,N,K,E,empty", [(53, 37, 19, 5, (1,)), (256, 96, 160, 8, (2, 5))])
-def test_grouped_gemm_bf16_within_reference_error(device, M, N, K, E, empty):
+def test_grouped_gemm_bf16_within_reference_error(cpu_gemm, device, M, N, K, E, empty):
     g = torch.Generator().manual_seed(M + N)
     offsets = random_offsets(M, E, generator=g, empty=empty).to(device)
     a = torch.randn(M, K, generator=g).to(device)
@@ -166,7 +173,7 @@ def test_grouped_gemm_bf16_within_reference_error(device, M, N, K, E, empty):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("M,N,K,E,empty", [(53, 37, 19, 5, (1, 3)), (0, 8, 6, 3, (0, 1, 2)), (120, 65, 33, 4, ())])
-def test_grouped_gemm_gradients(device, M, N, K, E, empty):
+def test_grouped_gemm_gradients(cpu_gemm, device, M, N, K, E, empty):
     g = torch.Generator().manual_seed(M + 3)
     offsets = random_offsets(M, E, generator=g, empty=empty).to(device) if M else torch.zeros(E + 1, dtype=torch.int32, device=device)
     a = torch.randn(M, K, generator=g).to(device).requires_grad_()
@@ -184,7 +191,7 @@ def test_grouped_gemm_gradients(device, M, N, K, E, empty):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_gemm_wgrad_bf16_and_fp32(device, dtype):
+def test_grouped_gemm_wgrad_bf16_and_fp32(cpu_gemm, device, dtype):
     g = torch.Generator().manual_seed(11)
     M, N, K, E = 77, 40, 29, 5
     offsets = random_offsets(M, E, generator=g, empty=(2,)).to(device)
@@ -229,7 +236,7 @@ def test_experts_bf16_within_reference_error(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_experts_gradients_match_official_loop(device):
+def test_experts_gradients_match_official_loop(cpu_gemm, device):
     T, E, k, H, I = 13, 32, 2, 16, 12  # 26 slots over 32 experts: several experts get no token
     x, ids, weights, w13, w2 = expert_inputs(T, E, k, H, I, device=device, seed=4)
     grad = torch.randn(T, H, generator=torch.Generator().manual_seed(9)).to(device)
