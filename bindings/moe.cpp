@@ -287,14 +287,16 @@ void grouped_gemm_wgrad_aten(const Tensor& grad_out, const Tensor& a, const Tens
 }
 
 // Which CPU GEMM runs the grouped products. LLADA_MOE_CPU_GEMM=kernel|aten forces one (the tests run
-// both); by default the faster as measured on a 2-core AVX-512 (with bf16) EPYC, E 64, K 512, N 512:
-// ATen's bf16 GEMM (AVX512-BF16 dot products) was 2.5-4x faster than the fp32-widening llada kernel at
-// every size, and ATen's fp32 GEMM 2.5x faster with ~4 rows a group; with 64+ rows a group the fp32
-// llada kernel was 5-15 % faster than ATen's, and its fp32 weight gradient 10-20 % faster at every size.
-bool use_aten(const Tensor& a, bool small_groups) {
+// both); by default the faster as measured on a 2-core AVX-512 (with bf16) EPYC, E 64, K 512, N 1024,
+// one thread: with at most 8 rows a group (decoding) the llada kernel streams B at 21-25 GB/s against
+// ATen's 11-13 (fp32 and bf16); with more rows ATen's bf16 GEMM (AVX512-BF16 dot products) is 2.5-4x
+// faster than the fp32-widening llada kernel, and ATen's fp32 GEMM wins up to ~32 rows a group, the
+// llada kernel from 64 rows on (5-15 %); the llada fp32 weight gradient is 10-20 % faster at every size.
+bool use_aten(const Tensor& a, bool stream, bool small_groups) {
   const char* force = std::getenv("LLADA_MOE_CPU_GEMM");
   if (force != nullptr && std::strcmp(force, "kernel") == 0) return false;
   if (force != nullptr && std::strcmp(force, "aten") == 0) return true;
+  if (stream) return false;
   return a.scalar_type() == at::kBFloat16 || small_groups;
 }
 
@@ -339,7 +341,7 @@ Tensor moe_grouped_gemm(const Tensor& a, const Tensor& b, const Tensor& offsets)
 #endif
     return c;
   }
-  if (use_aten(ac, M < 32 * E)) {
+  if (use_aten(ac, bc.stride(2) == 1 && M <= 8 * E, M < 64 * E)) {
     grouped_gemm_aten(ac, bc, oc, c);
     return c;
   }
@@ -382,7 +384,7 @@ Tensor moe_grouped_gemm_wgrad(const Tensor& grad_out, const Tensor& a, const Ten
 #endif
     return grad_b;
   }
-  if (use_aten(ac, false)) {
+  if (use_aten(ac, false, false)) {
     grouped_gemm_wgrad_aten(gc, ac, oc, grad_b);
     return grad_b;
   }
