@@ -1,5 +1,6 @@
 // The MoE grouped GEMMs on sm_90 (H100/H200): CUTLASS 3.x pointer-array grouped GEMMs with TMA loads
-// and a warp-specialised cooperative schedule, bf16 in and out, fp32 accumulation.
+// and warp-specialised schedules (cooperative 128x128 tiles, or ping-pong 64x128 tiles for groups of
+// few rows), bf16 in and out, fp32 accumulation.
 //
 // A small kernel fills each group's problem shape (M, N, K), operand pointers and strides on the
 // device from the offsets; the host problem shapes are left null, so nothing is synchronised.
@@ -33,36 +34,50 @@ using Element = cutlass::bfloat16_t;
 using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;  // (M, N, K) per group
 constexpr int kAlignment = 8;                                                  // elements: 16 bytes
 
-using TileShape = Shape<_128, _128, _64>;
 using ClusterShape = Shape<_1, _1, _1>;
 
+// Two schedules: cooperative (two consumer warpgroups share a 128x128 tile) for groups of many rows,
+// ping-pong (the warpgroups alternate on 64x128 tiles, one's epilogue hiding the other's mainloop) for
+// groups of few rows, where a 128-row tile would be mostly empty.
 // Every type below is spelled at namespace scope, outside any template: the host compiler rejects
 // the builders' decltype-laden types when they appear in a dependent context.
-using CollectiveEpilogue = cutlass::epilogue::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
-    cutlass::epilogue::collective::EpilogueTileAuto, float, float, Element, cutlass::layout::RowMajor*, kAlignment,
-    Element, cutlass::layout::RowMajor*, kAlignment, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
-    cutlass::epilogue::fusion::LinearCombination<Element, float>>::CollectiveOp;
-using StageCount = cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
-    sizeof(CollectiveEpilogue::SharedStorage))>;
+#define LLADA_SM90_SCHEDULE(Schedule, TileM)                                                                     \
+  using Schedule##Tile = Shape<TileM, _128, _64>;                                                                 \
+  using Schedule##Epilogue = cutlass::epilogue::collective::CollectiveBuilder<                                    \
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Schedule##Tile, ClusterShape,                        \
+      cutlass::epilogue::collective::EpilogueTileAuto, float, float, Element, cutlass::layout::RowMajor*,       \
+      kAlignment, Element, cutlass::layout::RowMajor*, kAlignment,                                              \
+      cutlass::epilogue::PtrArrayTmaWarpSpecialized##Schedule,                                                  \
+      cutlass::epilogue::fusion::LinearCombination<Element, float>>::CollectiveOp;                              \
+  using Schedule##Stages = cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(                  \
+      sizeof(Schedule##Epilogue::SharedStorage))>;
 
-#define LLADA_SM90_GROUPED_GEMM(Name, LayoutA, LayoutB)                                                          \
+LLADA_SM90_SCHEDULE(Cooperative, _128)
+LLADA_SM90_SCHEDULE(Pingpong, _64)
+#undef LLADA_SM90_SCHEDULE
+
+#define LLADA_SM90_GROUPED_GEMM(Name, Schedule, LayoutA, LayoutB)                                              \
   using Name##Mainloop = cutlass::gemm::collective::CollectiveBuilder<                                          \
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Element, LayoutA*, kAlignment, Element, LayoutB*,    \
-      kAlignment, float, TileShape, ClusterShape, StageCount,                                                  \
-      cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;                                \
+      kAlignment, float, Schedule##Tile, ClusterShape, Schedule##Stages,                                        \
+      cutlass::gemm::KernelPtrArrayTmaWarpSpecialized##Schedule>::CollectiveOp;                                 \
   struct Name {                                                                                                  \
-    using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Name##Mainloop, CollectiveEpilogue>;       \
+    using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Name##Mainloop, Schedule##Epilogue>;       \
     using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;                                           \
     using StrideA = Kernel::InternalStrideA;                                                                    \
     using StrideB = Kernel::InternalStrideB;                                                                    \
     using StrideD = Kernel::InternalStrideD;                                                                    \
   };
 
-LLADA_SM90_GROUPED_GEMM(ForwardGemm, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor)
-LLADA_SM90_GROUPED_GEMM(ForwardNMajorGemm, cutlass::layout::RowMajor, cutlass::layout::RowMajor)
-LLADA_SM90_GROUPED_GEMM(WgradGemm, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor)
+LLADA_SM90_GROUPED_GEMM(ForwardGemm, Cooperative, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor)
+LLADA_SM90_GROUPED_GEMM(ForwardNMajorGemm, Cooperative, cutlass::layout::RowMajor, cutlass::layout::RowMajor)
+LLADA_SM90_GROUPED_GEMM(WgradGemm, Cooperative, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor)
+LLADA_SM90_GROUPED_GEMM(ForwardPingpongGemm, Pingpong, cutlass::layout::RowMajor, cutlass::layout::ColumnMajor)
+LLADA_SM90_GROUPED_GEMM(ForwardNMajorPingpongGemm, Pingpong, cutlass::layout::RowMajor, cutlass::layout::RowMajor)
 #undef LLADA_SM90_GROUPED_GEMM
+
+// Forward groups of fewer rows than this on average take the ping-pong kernels.
+constexpr int64_t kPingpongRows = 64;
 
 // A rank-3 (rows, cols, batch) stride with one unit mode: `ld` goes into the other one.
 template <class Stride>
@@ -183,9 +198,12 @@ Status run_gemm(const GroupedGemmProblem& p, cudaStream_t stream) {
 }  // namespace
 
 Status grouped_gemm_sm90(const GroupedGemmProblem& p, cudaStream_t stream) {
+  const bool few_rows = p.m < kPingpongRows * p.groups;
   switch (p.kind) {
-    case GemmKind::kForward: return run_gemm<ForwardGemm>(p, stream);
-    case GemmKind::kForwardNMajor: return run_gemm<ForwardNMajorGemm>(p, stream);
+    case GemmKind::kForward:
+      return few_rows ? run_gemm<ForwardPingpongGemm>(p, stream) : run_gemm<ForwardGemm>(p, stream);
+    case GemmKind::kForwardNMajor:
+      return few_rows ? run_gemm<ForwardNMajorPingpongGemm>(p, stream) : run_gemm<ForwardNMajorGemm>(p, stream);
     case GemmKind::kWgrad: return run_gemm<WgradGemm>(p, stream);
   }
   return Status::kBadArgument;
