@@ -262,6 +262,19 @@ void grouped_gemm(const GroupedGemmParams& p) {
   }
 }
 
+// Work items of the weight gradient. A group of many rows is cut along K: its A panel [rows, kNR] is
+// packed once and reused down all N rows of dB[g]. A group of few rows (decoding) is cut along N: all
+// of A[rows] is packed once per item and each item writes whole, contiguous rows of dB[g] (writing the
+// gradient is what costs there). An empty group is one item that zero-fills dB[g].
+constexpr int64_t kWgradFewRows = 64;
+constexpr int64_t kWgradRowBlock = 64;
+
+struct WgradItem {
+  int64_t group;
+  int64_t start;  // first K column (many rows) or first N row (few rows) of the item
+  int kind;       // 0: empty group, 1: few rows, 2: many rows
+};
+
 template <typename T>
 void grouped_gemm_wgrad(const GroupedGemmWgradParams& p) {
   const int64_t N = p.n, K = p.k, panels = (K + kNR - 1) / kNR;
@@ -269,26 +282,50 @@ void grouped_gemm_wgrad(const GroupedGemmWgradParams& p) {
   const float* dc = as_float<T>(p.grad_c, p.m * N, dc_storage);  // [M, N]
   const T* a = static_cast<const T*>(p.a);                         // [M, K]
   T* db = static_cast<T*>(p.grad_b);                               // [E, N, K]
+  std::vector<WgradItem> items;
+  for (int64_t g = 0; g < p.groups; ++g) {
+    const int64_t rows = p.offsets[g + 1] - p.offsets[g];
+    if (rows == 0) {
+      items.push_back({g, 0, 0});
+    } else if (rows <= kWgradFewRows) {
+      for (int64_t n = 0; n < N; n += kWgradRowBlock) items.push_back({g, n, 1});
+    } else {
+      for (int64_t k0 = 0; k0 < K; k0 += kNR) items.push_back({g, k0, 2});
+    }
+  }
 #pragma omp parallel
   {
     std::vector<float> panel, tile(kMR * kNR);
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < p.groups * panels; ++item) {
-      const int64_t g = item / panels, k0 = (item % panels) * kNR, kr = std::min(kNR, K - k0);
-      const int64_t m_begin = p.offsets[g], rows = p.offsets[g + 1] - m_begin;
-      T* out = db + g * N * K + k0;
-      if (rows == 0) {
-        for (int64_t n = 0; n < N; ++n)
-          for (int64_t j = 0; j < kr; ++j) out[n * K + j] = moe::from_float<T>(0.0f);
-        continue;
-      }
-      // panel [rows, kNR] = A[m_begin:m_end, k0:k0 + kr]: the reduction runs over the group's rows.
-      panel.resize(rows * kNR);
-      pack_panel(a + m_begin * K + k0, 1, K, kr, rows, panel.data());
-      for (int64_t n = 0; n < N; n += kMR) {
-        const int64_t mr = std::min(kMR, N - n);
-        tile_kernel(dc + m_begin * N + n, 1, N, mr, panel.data(), rows, tile.data());
-        store_tile(tile.data(), mr, kr, out + n * K, K);
+    for (size_t i = 0; i < items.size(); ++i) {
+      const WgradItem item = items[i];
+      const int64_t g = item.group, m_begin = p.offsets[g], rows = p.offsets[g + 1] - m_begin;
+      T* out = db + g * N * K;  // [N, K]
+      if (item.kind == 0) {
+        std::memset(static_cast<void*>(out), 0, sizeof(T) * N * K);  // +0.0 in fp32 and bf16
+      } else if (item.kind == 1) {
+        // panel [panels, rows, kNR]: every K panel of A[m_begin:m_end]; the reduction runs over the rows.
+        panel.resize(panels * rows * kNR);
+        for (int64_t q = 0; q < panels; ++q)
+          pack_panel(a + m_begin * K + q * kNR, 1, K, std::min(kNR, K - q * kNR), rows, panel.data() + q * rows * kNR);
+        const int64_t n_end = std::min(N, item.start + kWgradRowBlock);
+        for (int64_t n = item.start; n < n_end; n += kMR) {
+          const int64_t mr = std::min(kMR, n_end - n);
+          for (int64_t q = 0; q < panels; ++q) {
+            tile_kernel(dc + m_begin * N + n, 1, N, mr, panel.data() + q * rows * kNR, rows, tile.data());
+            store_tile(tile.data(), mr, std::min(kNR, K - q * kNR), out + n * K + q * kNR, K);
+          }
+        }
+      } else {
+        // panel [rows, kNR] = A[m_begin:m_end, k0:k0 + kr], reused down all N rows.
+        const int64_t k0 = item.start, kr = std::min(kNR, K - k0);
+        panel.resize(rows * kNR);
+        pack_panel(a + m_begin * K + k0, 1, K, kr, rows, panel.data());
+        for (int64_t n = 0; n < N; n += kMR) {
+          const int64_t mr = std::min(kMR, N - n);
+          tile_kernel(dc + m_begin * N + n, 1, N, mr, panel.data(), rows, tile.data());
+          store_tile(tile.data(), mr, kr, out + n * K + k0, K);
+        }
       }
     }
   }
