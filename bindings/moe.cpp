@@ -36,12 +36,12 @@ llada::DType element_dtype(const Tensor& t, const char* op, const char* name) {
   }
 }
 
-// The CUDA grouped GEMMs: bf16, and rows of 16 bytes (sizes multiples of 8) for TMA / cp.async.
+// The CUDA grouped GEMMs: bf16 with rows of 16 bytes (sizes multiples of 8) for TMA / cp.async, or fp32.
 void check_cuda_gemm(const Tensor& t, int64_t n, int64_t k, const char* op, const char* name) {
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kBFloat16, op, ": ", name, " must be bfloat16 on CUDA, got ",
-                   t.scalar_type());
-  TORCH_CHECK_VALUE(n % 8 == 0 && k % 8 == 0, op, ": on CUDA the sizes N and K must be multiples of 8, got N = ", n,
-                    ", K = ", k);
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kFloat, op, ": ", name,
+                   " must be bfloat16 or float32 on CUDA, got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat || (n % 8 == 0 && k % 8 == 0), op,
+                    ": in bfloat16 on CUDA the sizes N and K must be multiples of 8, got N = ", n, ", K = ", k);
 }
 
 #ifdef LLADA_WITH_CUDA

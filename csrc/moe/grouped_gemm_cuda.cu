@@ -4,6 +4,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <initializer_list>
 
 #include "common/cuda_check.h"
 #include "llada/moe.h"
@@ -32,7 +33,7 @@ Status device_info(int* device, DeviceInfo* info) {
   return Status::kOk;
 }
 
-// grad_b[g] = 0 for the groups without rows (their GEMM has no tile).
+// grad_b[g] = 0 for the groups without rows (their GEMM has no tile), in 16-bit words.
 __global__ void zero_empty_groups_kernel(const int32_t* offsets, int64_t group_elems, uint16_t* grad_b) {
   const int64_t g = blockIdx.y;
   if (offsets[g + 1] != offsets[g]) return;
@@ -47,8 +48,8 @@ Status run(moe_cuda::GroupedGemmProblem& q, cudaStream_t stream) {
   const Status s = device_info(&q.device, &info);
   if (s != Status::kOk) return s;
   q.sm_count = info.sm_count;
-  if (info.major == 9) return moe_cuda::grouped_gemm_sm90(q, stream);
-  if (info.major == 8) return moe_cuda::grouped_gemm_sm80(q, stream);
+  if (info.major == 9 && !q.fp32) return moe_cuda::grouped_gemm_sm90(q, stream);
+  if (info.major == 8 || info.major == 9) return moe_cuda::grouped_gemm_sm80(q, stream);
   return Status::kNotCompiled;
 }
 
@@ -56,9 +57,19 @@ bool aligned(const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 
 
 }  // namespace
 
+// bf16 needs 16-byte rows and bases (TMA, cp.async); fp32 (SIMT kernels) takes any size.
+bool supported(DType dtype, int64_t n, int64_t k, std::initializer_list<const void*> pointers) {
+  if (dtype == DType::kFloat32) return true;
+  if (dtype != DType::kBFloat16 || n % 8 != 0 || k % 8 != 0) return false;
+  for (const void* ptr : pointers)
+    if (!aligned(ptr)) return false;
+  return true;
+}
+
 Status moe_grouped_gemm_cuda(const GroupedGemmParams& p, cudaStream_t stream) {
-  if (p.dtype != DType::kBFloat16 || p.m < 0 || p.groups < 1 || p.n % 8 != 0 || p.k % 8 != 0 ||
-      p.b_stride_group % 8 != 0 || !aligned(p.a) || !aligned(p.b) || !aligned(p.c))
+  const bool fp32 = p.dtype == DType::kFloat32;
+  if (p.m < 0 || p.groups < 1 || !supported(p.dtype, p.n, p.k, {p.a, p.b, p.c}) ||
+      (!fp32 && p.b_stride_group % 8 != 0))
     return Status::kBadArgument;
   moe_cuda::GroupedGemmProblem q;
   if (p.b_stride_k == 1) {
@@ -70,12 +81,13 @@ Status moe_grouped_gemm_cuda(const GroupedGemmParams& p, cudaStream_t stream) {
   } else {
     return Status::kBadArgument;
   }
-  if (q.b_ld % 8 != 0) return Status::kBadArgument;
+  if (!fp32 && q.b_ld % 8 != 0) return Status::kBadArgument;
   if (p.m == 0 || p.n == 0) return Status::kOk;
   if (p.k == 0) {
-    LLADA_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(p.c, 0, p.m * p.n * 2, stream));
+    LLADA_RETURN_IF_CUDA_ERROR(cudaMemsetAsync(p.c, 0, p.m * p.n * (fp32 ? 4 : 2), stream));
     return Status::kOk;
   }
+  q.fp32 = fp32;
   q.a = p.a;
   q.b = p.b;
   q.offsets = p.offsets;
@@ -89,10 +101,10 @@ Status moe_grouped_gemm_cuda(const GroupedGemmParams& p, cudaStream_t stream) {
 }
 
 Status moe_grouped_gemm_wgrad_cuda(const GroupedGemmWgradParams& p, cudaStream_t stream) {
-  if (p.dtype != DType::kBFloat16 || p.m < 0 || p.groups < 1 || p.n % 8 != 0 || p.k % 8 != 0 ||
-      !aligned(p.grad_c) || !aligned(p.a) || !aligned(p.grad_b))
+  const bool fp32 = p.dtype == DType::kFloat32;
+  if (p.m < 0 || p.groups < 1 || !supported(p.dtype, p.n, p.k, {p.grad_c, p.a, p.grad_b}))
     return Status::kBadArgument;
-  const int64_t group_elems = p.n * p.k;
+  const int64_t group_elems = p.n * p.k * (fp32 ? 2 : 1);  // in 16-bit words
   if (group_elems == 0) return Status::kOk;
   const dim3 grid(static_cast<unsigned>(group_elems < 256 * 64 ? (group_elems + 255) / 256 : 64),
                   static_cast<unsigned>(p.groups));
@@ -101,6 +113,7 @@ Status moe_grouped_gemm_wgrad_cuda(const GroupedGemmWgradParams& p, cudaStream_t
   if (p.m == 0) return Status::kOk;
   moe_cuda::GroupedGemmProblem q;
   q.kind = moe_cuda::GemmKind::kWgrad;
+  q.fp32 = fp32;
   q.a = p.grad_c;
   q.b = p.a;
   q.offsets = p.offsets;

@@ -28,11 +28,12 @@ struct GroupedGemmProblem {
   int64_t m = 0, n = 0, k = 0, groups = 0;
   int64_t b_stride_group = 0;       // kForward*: elements between B[g] and B[g + 1]
   int64_t b_ld = 0;                 // kForward*: stride of B[g]'s non-contiguous dimension
+  bool fp32 = false;                // fp32 operands (else bf16)
   int device = 0;
   int sm_count = 0;
 };
 
-// bf16 in and out, fp32 accumulation. kNotCompiled when this build lacks the architecture.
+// fp32 accumulation. sm90: bf16 only; sm80: bf16 (tensor cores) or fp32 (SIMT), run on sm_80 and later.
 Status grouped_gemm_sm90(const GroupedGemmProblem& p, cudaStream_t stream);
 Status grouped_gemm_sm80(const GroupedGemmProblem& p, cudaStream_t stream);
 

@@ -22,7 +22,7 @@ grouped GEMM over a ragged K (weights, zero for experts that got no row).
 Devices: the C++ CPU kernels take fp32 and bf16 of any size (the grouped GEMM picks the llada kernel or
 ATen's GEMM per group by measured speed; LLADA_MOE_CPU_GEMM=kernel|aten forces one). On CUDA, routing
 and (un)permutation take fp32/bf16/fp16; the grouped GEMMs take bf16 with N and K multiples of 8 (CUTLASS
-3.x pointer-array kernels on sm_90, 2.x GemmGrouped on sm_80). Offsets never leave the device there, so
+3.x pointer-array kernels on sm_90, 2.x GemmGrouped on sm_80) or fp32 of any size (CUTLASS 2.x SIMT). Offsets never leave the device there, so
 index checks that need their values (offsets, ids, inverse) run on the CPU only: on CUDA an id outside
 [0, E) is counted nowhere and its slot contributes nothing.
 """

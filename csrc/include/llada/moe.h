@@ -127,7 +127,8 @@ Status moe_grouped_gemm_wgrad_cpu(const GroupedGemmWgradParams& p);
 // reported without a sync: they are counted nowhere, get inverse = -1 and contribute nothing to
 // unpermute. A token with a NaN logit gets experts 0..k-1 with NaN weights.
 // The grouped GEMMs take bf16 with K and N multiples of 8 (16-byte rows), fp32 accumulation:
-// CUTLASS 3.x pointer-array TMA kernels on sm_90, CUTLASS 2.x GemmGrouped on sm_80..sm_89.
+// CUTLASS 3.x pointer-array TMA kernels on sm_90, CUTLASS 2.x GemmGrouped on sm_80..sm_89; and fp32
+// of any size (CUTLASS 2.x SIMT kernels, sm_80 and sm_90).
 // Offsets are read on the device only; kBadArgument for other dtypes, alignments or architectures.
 Status moe_route_cuda(const MoeRouteParams& p, cudaStream_t stream);
 Status moe_permute_cuda(const MoePermuteParams& p, cudaStream_t stream);
