@@ -274,6 +274,13 @@ def test_experts_match_official_loop(device, T, E, k, H, I):
     assert_close_to_fp64(moe_experts(x, ids, weights, w13, w2), moe_experts_ref, (x, ids, weights, w13, w2))
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,E,k,H,I", EXPERT_CASES_CPU)
+def test_experts_fp32_any_size_on_cuda(T, E, k, H, I):
+    x, ids, weights, w13, w2 = expert_inputs(T, E, k, H, I, device="cuda", seed=T + E)
+    assert_close_to_fp64(moe_experts(x, ids, weights, w13, w2), moe_experts_ref, (x, ids, weights, w13, w2))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_experts_bf16_within_reference_error(device):
     x, ids, weights, w13, w2 = expert_inputs(64, 16, 4, 64, 48, device=device, dtype=torch.bfloat16, seed=1)
