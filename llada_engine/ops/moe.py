@@ -18,6 +18,13 @@ x_sorted[inverse[t * k + s]] = x[t], and expert e owns rows offsets[e]:offsets[e
 moe_grouped_gemm, moe_unpermute and moe_experts are differentiable in their activations, weights and
 topk_weights: the backward of the grouped GEMM is the same op with b transposed (activations) and a
 grouped GEMM over a ragged K (weights, zero for experts that got no row).
+
+Devices: the C++ CPU kernels take fp32 and bf16 of any size (the grouped GEMM picks the llada kernel or
+ATen's GEMM per group by measured speed; LLADA_MOE_CPU_GEMM=kernel|aten forces one). On CUDA, routing
+and (un)permutation take fp32/bf16/fp16; the grouped GEMMs take bf16 with N and K multiples of 8 (CUTLASS
+3.x pointer-array kernels on sm_90, 2.x GemmGrouped on sm_80) or fp32 of any size (CUTLASS 2.x SIMT). Offsets never leave the device there, so
+index checks that need their values (offsets, ids, inverse) run on the CPU only: on CUDA an id outside
+[0, E) is counted nowhere and its slot contributes nothing.
 """
 import torch
 import torch.nn.functional as F
@@ -133,12 +140,14 @@ def moe_experts_ref(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch
     _, I = _check_expert_weights(x, w13, w2)
     acc_dtype = torch.promote_types(x.dtype, torch.float32)
     out = torch.zeros(x.shape, dtype=acc_dtype, device=x.device)        # [T, H]
-    for e in range(w13.shape[0]):
+    # One weight tensor per expert, as the official nn.ModuleList of experts holds them.
+    for e, (w13_e, w2_e) in enumerate(zip(w13.unbind(0), w2.unbind(0))):
         token, slot = torch.where(topk_ids == e)
         if token.numel() == 0:
             continue
-        h = F.linear(x[token], w13[e])                                  # [n, 2I]
-        y = F.linear(F.silu(h[:, :I]) * h[:, I:], w2[e])                # [n, H]
+        xe = x[token]                                                   # [n, H]
+        gate, up = F.linear(xe, w13_e[:I]), F.linear(xe, w13_e[I:])     # gate_proj, up_proj: [n, I]
+        y = F.linear(F.silu(gate) * up, w2_e)                           # down_proj: [n, H]
         out = out.index_add(0, token, y.to(acc_dtype) * topk_weights[token, slot].unsqueeze(-1))
     return out.to(x.dtype)
 

@@ -119,84 +119,137 @@ def test_permute_accepts_int64_ids_and_skewed_experts():
     assert out[1].tolist()[3:] == [150, 150, 150]  # experts 3 and 4 get nothing
 
 
-GEMM_CASES = [  # (M, N, K, E, empty groups)
+@pytest.fixture(params=["kernel", "aten"])
+def cpu_gemm(request, monkeypatch):
+    """Runs a test with each CPU grouped-GEMM backend (llada kernel, ATen per group); no effect on CUDA."""
+    monkeypatch.setenv("LLADA_MOE_CPU_GEMM", request.param)
+    return request.param
+
+
+# The CPU kernels take fp32 and bf16 of any size; the CUDA grouped GEMMs bf16 with N and K multiples of 8.
+GEMM_DTYPE = {"cpu": torch.float32, "cuda": torch.bfloat16}
+
+
+def per_device(cpu_cases, cuda_cases):
+    """pytest params (device, *case): the CPU cases on the CPU, the CUDA cases marked gpu."""
+    return ([pytest.param("cpu", *c) for c in cpu_cases]
+            + [pytest.param("cuda", *c, marks=pytest.mark.gpu) for c in cuda_cases])
+
+
+def assert_close_to_fp64(out, ref_fn, inputs, *, name="output"):
+    """fp32 results within 1e-5 of the fp64 reference; bf16 within 2x the reference's own bf16 error."""
+    ref = ref_fn(*[t.double() if t.is_floating_point() else t for t in inputs]).float()
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4, msg=lambda m: f"{name}: {m}")
+    else:
+        assert_close_to_reference(out.float(), ref, ref_fn(*inputs).float(), atol=1e-2, name=name)
+
+
+GEMM_CASES_CPU = [  # (M, N, K, E, empty groups); groups of <= 8 rows take the CPU kernel's streaming path
     (64, 48, 32, 4, ()), (53, 37, 19, 5, (1, 3)), (40, 33, 65, 3, (0, 2)), (0, 16, 8, 4, (0, 1, 2, 3)),
-    (1, 1, 1, 1, ()), (300, 70, 130, 9, (8,))]
+    (1, 1, 1, 1, ()), (300, 70, 130, 9, (8,)), (30, 40, 37, 10, (4,))]
+GEMM_CASES_CUDA = [
+    (64, 48, 32, 4, ()), (53, 40, 24, 5, (1, 3)), (40, 32, 72, 3, (0, 2)), (0, 16, 8, 4, (0, 1, 2, 3)),
+    (1, 8, 8, 1, ()), (300, 72, 136, 9, (8,)), (1000, 256, 512, 16, (3, 4))]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("M,N,K,E,empty", GEMM_CASES)
+def gemm_inputs(device, M, N, K, E, empty, seed):
+    g = torch.Generator().manual_seed(seed)
+    offsets = random_offsets(M, E, generator=g, empty=empty) if M else torch.zeros(E + 1, dtype=torch.int32)
+    dtype = GEMM_DTYPE[device]
+    a = torch.randn(M, K, generator=g).to(dtype).to(device)
+    b = torch.randn(E, N, K, generator=g).to(dtype).to(device)
+    return a, b, offsets.to(device)
+
+
+@pytest.mark.parametrize("device,M,N,K,E,empty", per_device(GEMM_CASES_CPU, GEMM_CASES_CUDA))
 @pytest.mark.parametrize("transposed_b", [False, True])
-def test_grouped_gemm_matches_loop(device, M, N, K, E, empty, transposed_b):
-    g = torch.Generator().manual_seed(M * 7 + K)
-    offsets = random_offsets(M, E, generator=g, empty=empty).to(device) if M else torch.zeros(E + 1, dtype=torch.int32, device=device)
-    a = torch.randn(M, K, generator=g).to(device)
-    b = torch.randn(E, N, K, generator=g).to(device)
+def test_grouped_gemm_matches_loop(cpu_gemm, device, M, N, K, E, empty, transposed_b):
+    a, b, offsets = gemm_inputs(device, M, N, K, E, empty, seed=M * 7 + K)
     if transposed_b:
         b = b.transpose(1, 2).contiguous().transpose(1, 2)  # same values, N-contiguous storage
     out = moe_grouped_gemm(a, b, offsets)
-    torch.testing.assert_close(out, moe_grouped_gemm_ref(a.double(), b.double(), offsets).float(), rtol=1e-5,
-                               atol=1e-4)
+    assert out.dtype == a.dtype
+    assert_close_to_fp64(out, moe_grouped_gemm_ref, (a, b, offsets))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_grouped_gemm_one_group_holds_every_row(device):
-    g = torch.Generator().manual_seed(5)
-    M, N, K, E = 97, 41, 23, 6
+@pytest.mark.parametrize("device,M,N,K,E", per_device([(97, 41, 23, 6)], [(97, 40, 24, 6)]))
+def test_grouped_gemm_one_group_holds_every_row(cpu_gemm, device, M, N, K, E):
+    a, b, _ = gemm_inputs(device, M, N, K, E, (), seed=5)
     offsets = torch.tensor([0, 0, 0, M, M, M, M], dtype=torch.int32, device=device)
-    a = torch.randn(M, K, generator=g).to(device)
-    b = torch.randn(E, N, K, generator=g).to(device)
-    torch.testing.assert_close(moe_grouped_gemm(a, b, offsets), a @ b[2].t(), rtol=1e-5, atol=1e-4)
+    out = moe_grouped_gemm(a, b, offsets)
+    assert_close_to_fp64(out, lambda x, w: x @ w.t(), (a, b[2]))
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("M,N,K,E,empty", [(53, 37, 19, 5, (1,)), (256, 96, 160, 8, (2, 5))])
-def test_grouped_gemm_bf16_within_reference_error(device, M, N, K, E, empty):
+@pytest.mark.parametrize("M,N,K,E,empty", [(56, 40, 24, 5, (1,)), (256, 96, 160, 8, (2, 5)), (24, 40, 40, 8, (3,))])
+def test_grouped_gemm_bf16_within_reference_error(cpu_gemm, device, M, N, K, E, empty):
     g = torch.Generator().manual_seed(M + N)
     offsets = random_offsets(M, E, generator=g, empty=empty).to(device)
-    a = torch.randn(M, K, generator=g).to(device)
-    b = torch.randn(E, N, K, generator=g).to(device)
-    ab, bb = a.bfloat16(), b.bfloat16()
-    out = moe_grouped_gemm(ab, bb, offsets)
+    a = torch.randn(M, K, generator=g).bfloat16().to(device)
+    b = torch.randn(E, N, K, generator=g).bfloat16().to(device)
+    out = moe_grouped_gemm(a, b, offsets)
     assert out.dtype == torch.bfloat16
-    # The oracle sees the same bf16-rounded inputs, in fp32; the bf16 reference shows bf16's own error.
-    ref = moe_grouped_gemm_ref(ab.float(), bb.float(), offsets)
-    assert_close_to_reference(out, ref, moe_grouped_gemm_ref(ab, bb, offsets), atol=1e-2)
+    assert_close_to_fp64(out, moe_grouped_gemm_ref, (a, b, offsets))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("M,N,K,E,empty", [(53, 37, 19, 5, (1, 3)), (0, 8, 6, 3, (0, 1, 2)), (120, 65, 33, 4, ())])
-def test_grouped_gemm_gradients(device, M, N, K, E, empty):
-    g = torch.Generator().manual_seed(M + 3)
-    offsets = random_offsets(M, E, generator=g, empty=empty).to(device) if M else torch.zeros(E + 1, dtype=torch.int32, device=device)
-    a = torch.randn(M, K, generator=g).to(device).requires_grad_()
-    b = torch.randn(E, N, K, generator=g).to(device).requires_grad_()
-    grad = torch.randn(M, N, generator=g).to(device)
+@pytest.mark.parametrize("device,M,N,K,E,empty", per_device(
+    [(53, 37, 19, 5, (1, 3)), (0, 8, 6, 3, (0, 1, 2)), (120, 65, 33, 4, ())],
+    [(53, 40, 24, 5, (1, 3)), (0, 8, 8, 3, (0, 1, 2)), (120, 64, 32, 4, ())]))
+def test_grouped_gemm_gradients(cpu_gemm, device, M, N, K, E, empty):
+    a, b, offsets = gemm_inputs(device, M, N, K, E, empty, seed=M + 3)
+    grad = torch.randn(M, N, generator=torch.Generator().manual_seed(1)).to(a.dtype).to(device)
+    a.requires_grad_()
+    b.requires_grad_()
     da, db = torch.autograd.grad(moe_grouped_gemm(a, b, offsets), (a, b), grad)
-    ra = a.detach().double().requires_grad_()
-    rb = b.detach().double().requires_grad_()
-    rda, rdb = torch.autograd.grad(moe_grouped_gemm_ref(ra, rb, offsets), (ra, rb), grad.double())
-    torch.testing.assert_close(da, rda.float(), rtol=1e-5, atol=1e-4)
-    torch.testing.assert_close(db, rdb.float(), rtol=1e-5, atol=1e-4)
+
+    def ref_grads(aa, bb, gg):
+        aa, bb = aa.detach().requires_grad_(), bb.detach().requires_grad_()
+        return torch.autograd.grad(moe_grouped_gemm_ref(aa, bb, offsets), (aa, bb), gg)
+
+    assert_close_to_fp64(da, lambda *t: ref_grads(*t)[0], (a.detach(), b.detach(), grad), name="grad of a")
+    assert_close_to_fp64(db, lambda *t: ref_grads(*t)[1], (a.detach(), b.detach(), grad), name="grad of b")
     for e in empty:
         assert (db[e] == 0).all(), f"expert {e} got no row and must get a zero gradient"
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device,N,K", per_device([(40, 29)], [(40, 32)]))
+@pytest.mark.parametrize("bounds", [[0, 10, 10, 25, 60, 77], [0, 10, 10, 210, 250, 300]])  # 2nd: a group > 64 rows
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_gemm_wgrad_bf16_and_fp32(device, dtype):
+def test_grouped_gemm_wgrad(cpu_gemm, device, N, K, bounds, dtype):
+    if device == "cuda":
+        dtype = torch.bfloat16
     g = torch.Generator().manual_seed(11)
-    M, N, K, E = 77, 40, 29, 5
-    offsets = random_offsets(M, E, generator=g, empty=(2,)).to(device)
+    M, E = bounds[-1], len(bounds) - 1
+    offsets = torch.tensor(bounds, dtype=torch.int32, device=device)
     a = torch.randn(M, K, generator=g).to(dtype).to(device)
     grad = torch.randn(M, N, generator=g).to(dtype).to(device)
     db = torch.ops.llada.moe_grouped_gemm_wgrad(grad, a, offsets)
-    bounds = offsets.tolist()
 
     def loop(gr, aa):
         return torch.stack([gr[bounds[e]:bounds[e + 1]].t() @ aa[bounds[e]:bounds[e + 1]] for e in range(E)])
 
-    assert_close_to_reference(db, loop(grad.float(), a.float()), loop(grad, a), atol=1e-4 if dtype == torch.float32 else 1e-2)
+    assert_close_to_fp64(db, loop, (grad, a))
+    assert (db[1] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M,N,K,E,empty", GEMM_CASES_CPU)
+def test_grouped_gemm_fp32_any_size_on_cuda(M, N, K, E, empty):
+    """fp32 on CUDA (CUTLASS SIMT kernels) takes odd sizes: forward and both gradients vs the fp64 loop."""
+    g = torch.Generator().manual_seed(M + K)
+    offsets = random_offsets(M, E, generator=g, empty=empty) if M else torch.zeros(E + 1, dtype=torch.int32)
+    offsets = offsets.cuda()
+    a = torch.randn(M, K, generator=g).cuda().requires_grad_()
+    b = torch.randn(E, N, K, generator=g).cuda().requires_grad_()
+    grad = torch.randn(M, N, generator=g).cuda()
+    out = moe_grouped_gemm(a, b, offsets)
+    da, db = torch.autograd.grad(out, (a, b), grad)
+    ra, rb = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    ref = moe_grouped_gemm_ref(ra, rb, offsets)
+    rda, rdb = torch.autograd.grad(ref, (ra, rb), grad.double())
+    for name, got, want in (("out", out, ref), ("grad of a", da, rda), ("grad of b", db, rdb)):
+        torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
 def expert_inputs(T, E, k, H, I, *, device, dtype=torch.float32, seed=0):
@@ -211,36 +264,47 @@ def expert_inputs(T, E, k, H, I, *, device, dtype=torch.float32, seed=0):
             w2.to(dtype).to(device))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("T,E,k,H,I", [(1, 4, 2, 8, 6), (37, 16, 4, 24, 20), (64, 32, 8, 48, 40), (3, 64, 8, 16, 8)])
+EXPERT_CASES_CPU = [(1, 4, 2, 8, 6), (37, 16, 4, 24, 20), (64, 32, 8, 48, 40), (3, 64, 8, 16, 8)]
+EXPERT_CASES_CUDA = [(1, 4, 2, 8, 8), (37, 16, 4, 24, 16), (64, 32, 8, 48, 40), (3, 64, 8, 16, 8)]
+
+
+@pytest.mark.parametrize("device,T,E,k,H,I", per_device(EXPERT_CASES_CPU, EXPERT_CASES_CUDA))
 def test_experts_match_official_loop(device, T, E, k, H, I):
-    x, ids, weights, w13, w2 = expert_inputs(T, E, k, H, I, device=device, seed=T + E)
-    torch.testing.assert_close(moe_experts(x, ids, weights, w13, w2), moe_experts_ref(x, ids, weights, w13, w2),
-                               rtol=1e-5, atol=1e-5)
+    x, ids, weights, w13, w2 = expert_inputs(T, E, k, H, I, device=device, dtype=GEMM_DTYPE[device], seed=T + E)
+    assert_close_to_fp64(moe_experts(x, ids, weights, w13, w2), moe_experts_ref, (x, ids, weights, w13, w2))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,E,k,H,I", EXPERT_CASES_CPU)
+def test_experts_fp32_any_size_on_cuda(T, E, k, H, I):
+    x, ids, weights, w13, w2 = expert_inputs(T, E, k, H, I, device="cuda", seed=T + E)
+    assert_close_to_fp64(moe_experts(x, ids, weights, w13, w2), moe_experts_ref, (x, ids, weights, w13, w2))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_experts_bf16_within_reference_error(device):
-    x, ids, weights, w13, w2 = expert_inputs(64, 16, 4, 64, 48, device=device, seed=1)
-    xb, w13b, w2b = x.bfloat16(), w13.bfloat16(), w2.bfloat16()
-    out = moe_experts(xb, ids, weights, w13b, w2b)
-    ref = moe_experts_ref(xb.float(), ids, weights, w13b.float(), w2b.float())
-    assert_close_to_reference(out, ref, moe_experts_ref(xb, ids, weights, w13b, w2b), atol=1e-2)
+    x, ids, weights, w13, w2 = expert_inputs(64, 16, 4, 64, 48, device=device, dtype=torch.bfloat16, seed=1)
+    out = moe_experts(x, ids, weights, w13, w2)
+    assert out.dtype == torch.bfloat16
+    assert_close_to_fp64(out, moe_experts_ref, (x, ids, weights, w13, w2))
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_experts_gradients_match_official_loop(device):
-    T, E, k, H, I = 13, 32, 2, 16, 12  # 26 slots over 32 experts: several experts get no token
-    x, ids, weights, w13, w2 = expert_inputs(T, E, k, H, I, device=device, seed=4)
-    grad = torch.randn(T, H, generator=torch.Generator().manual_seed(9)).to(device)
+def test_experts_gradients_match_official_loop(cpu_gemm, device):
+    T, E, k, H, I = 13, 32, 2, 16, 16  # 26 slots over 32 experts: several experts get no token
+    x, ids, weights, w13, w2 = expert_inputs(T, E, k, H, I, device=device, dtype=GEMM_DTYPE[device], seed=4)
+    grad = torch.randn(T, H, generator=torch.Generator().manual_seed(9)).to(x.dtype).to(device)
     inputs = [t.clone().requires_grad_() for t in (x, weights, w13, w2)]
-    out = moe_experts(inputs[0], ids, *inputs[1:])
-    grads = torch.autograd.grad(out, inputs, grad)
-    ref_inputs = [t.clone().double().requires_grad_() for t in (x, weights, w13, w2)]
-    ref = moe_experts_ref(ref_inputs[0], ids, *ref_inputs[1:])
-    ref_grads = torch.autograd.grad(ref, ref_inputs, grad.double())
-    for name, got, want in zip(("x", "topk_weights", "w13", "w2"), grads, ref_grads):
-        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5, msg=lambda m: f"grad of {name}: {m}")
+    grads = torch.autograd.grad(moe_experts(inputs[0], ids, *inputs[1:]), inputs, grad)
+
+    def ref_grad(i):
+        def fn(xx, ww, a13, a2, gg):
+            leaves = [t.detach().requires_grad_() for t in (xx, ww, a13, a2)]
+            return torch.autograd.grad(moe_experts_ref(leaves[0], ids, *leaves[1:]), leaves, gg)[i]
+        return fn
+
+    for i, name in enumerate(("x", "topk_weights", "w13", "w2")):
+        assert_close_to_fp64(grads[i], ref_grad(i), (x, weights, w13, w2, grad), name=f"grad of {name}")
     unused = sorted(set(range(E)) - set(ids.flatten().tolist()))
     assert unused, "the case should leave some experts without tokens"
     assert (grads[2][unused] == 0).all() and (grads[3][unused] == 0).all()
@@ -331,13 +395,15 @@ def opcheck_samples(device):
     g = torch.Generator().manual_seed(0)
     logits, bias = route_inputs(9, 16, device=device, seed=1)
     route_kw = dict(top_k=4, n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True)
-    T, E, k, H, N = 9, 5, 2, 12, 7
+    T, E, k, H, N = 9, 5, 2, 16, 8
+    dtype = GEMM_DTYPE[device]
     ids = random_ids(T, E, k, generator=g).to(device)
     x = torch.randn(T, H, generator=g).to(device)
     x_sorted, offsets, inverse = moe_permute_ref(x, ids, E)
     weights = torch.rand(T, k, generator=g).to(device)
-    b = torch.randn(E, N, H, generator=g).to(device)
-    grad_c = torch.randn(T * k, N, generator=g).to(device)
+    a = x_sorted.to(dtype)
+    b = torch.randn(E, N, H, generator=g).to(dtype).to(device)
+    grad_c = torch.randn(T * k, N, generator=g).to(dtype).to(device)
     grad_out = torch.randn(T, H, generator=g).to(device)
     req = lambda t: t.clone().requires_grad_()  # noqa: E731
     return {
@@ -345,7 +411,7 @@ def opcheck_samples(device):
         "moe_permute": [((x, ids, E), {}), ((req(x), ids, E), {}), ((x.bfloat16(), ids, E), {})],
         "moe_unpermute": [((x_sorted, inverse, weights), {}), ((req(x_sorted), inverse, req(weights)), {})],
         "moe_unpermute_backward": [((grad_out, x_sorted, inverse, weights), {})],
-        "moe_grouped_gemm": [((x_sorted, b, offsets), {}), ((req(x_sorted), req(b), offsets), {}),
-                             ((x_sorted.bfloat16(), b.bfloat16(), offsets), {})],
-        "moe_grouped_gemm_wgrad": [((grad_c, x_sorted, offsets), {})],
+        "moe_grouped_gemm": [((a, b, offsets), {}), ((req(a), req(b), offsets), {}),
+                             ((a.bfloat16(), b.bfloat16(), offsets), {})],
+        "moe_grouped_gemm_wgrad": [((grad_c, a, offsets), {})],
     }

@@ -18,6 +18,10 @@
 #include "llada/dtype.h"
 #include "llada/status.h"
 
+#ifdef LLADA_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
 namespace llada {
 
 struct MoeRouteParams {
@@ -116,5 +120,22 @@ Status moe_unpermute_cpu(const MoeUnpermuteParams& p);
 Status moe_unpermute_backward_cpu(const MoeUnpermuteBackwardParams& p);
 Status moe_grouped_gemm_cpu(const GroupedGemmParams& p);
 Status moe_grouped_gemm_wgrad_cpu(const GroupedGemmWgradParams& p);
+
+#ifdef LLADA_WITH_CUDA
+// CUDA kernels, asynchronous on `stream`, no host synchronisation (scratch memory is stream-ordered,
+// cudaMallocAsync). Route/permute/unpermute take fp32, bf16 and fp16. Ids outside [0, E) cannot be
+// reported without a sync: they are counted nowhere, get inverse = -1 and contribute nothing to
+// unpermute. A token with a NaN logit gets experts 0..k-1 with NaN weights.
+// The grouped GEMMs take bf16 with K and N multiples of 8 (16-byte rows), fp32 accumulation:
+// CUTLASS 3.x pointer-array TMA kernels on sm_90, CUTLASS 2.x GemmGrouped on sm_80..sm_89; and fp32
+// of any size (CUTLASS 2.x SIMT kernels, sm_80 and sm_90).
+// Offsets are read on the device only; kBadArgument for other dtypes, alignments or architectures.
+Status moe_route_cuda(const MoeRouteParams& p, cudaStream_t stream);
+Status moe_permute_cuda(const MoePermuteParams& p, cudaStream_t stream);
+Status moe_unpermute_cuda(const MoeUnpermuteParams& p, cudaStream_t stream);
+Status moe_unpermute_backward_cuda(const MoeUnpermuteBackwardParams& p, cudaStream_t stream);
+Status moe_grouped_gemm_cuda(const GroupedGemmParams& p, cudaStream_t stream);
+Status moe_grouped_gemm_wgrad_cuda(const GroupedGemmWgradParams& p, cudaStream_t stream);
+#endif
 
 }  // namespace llada
