@@ -31,10 +31,11 @@ step() {  # step NAME TIMEOUT_S COMMAND...: runs COMMAND with a time limit, logs
   return 0
 }
 
-benchmarks=(commit_tokens block_attention decode)
+benchmarks=(commit_tokens block_attention moe decode)
 declare -A gpu_args=(
   [commit_tokens]="--device cuda"
   [block_attention]="--device cuda --dtype bfloat16 --tokens 4096 16384"
+  [moe]="--device cuda"
   [decode]="--device cuda --batch 1 16"
 )
 if [[ $dry_run -eq 1 ]]; then
@@ -56,7 +57,7 @@ else
   step memcheck 240 compute-sanitizer --tool memcheck --error-exitcode 1 \
     "$PYTHON" -m pytest -q -m gpu -x tests/ops/test_opcheck.py
   step racecheck 180 compute-sanitizer --tool racecheck --error-exitcode 1 \
-    "$PYTHON" -m pytest -q -m gpu -x tests/ops/test_opcheck.py -k "commit_tokens- or block_attention_fwd"
+    "$PYTHON" -m pytest -q -m gpu -x tests/ops/test_opcheck.py -k "commit_tokens- or block_attention_fwd or moe_permute or moe_grouped_gemm-"
   for b in "${benchmarks[@]}"; do
     # shellcheck disable=SC2086
     step "bench-$b" 240 "$PYTHON" -m "benchmarks.$b" ${gpu_args[$b]}
