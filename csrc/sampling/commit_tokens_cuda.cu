@@ -70,7 +70,7 @@ __device__ __forceinline__ SoftmaxState state_merge(SoftmaxState a, SoftmaxState
   return r;
 }
 
-__device__ SoftmaxState block_merge(SoftmaxState s, SoftmaxState* smem) {
+__device__ __forceinline__ SoftmaxState warp_merge(SoftmaxState s) {
   for (int off = 16; off > 0; off >>= 1) {
     SoftmaxState o;
     o.max = __shfl_xor_sync(0xffffffffu, s.max, off);
@@ -79,19 +79,16 @@ __device__ SoftmaxState block_merge(SoftmaxState s, SoftmaxState* smem) {
     o.nan = __shfl_xor_sync(0xffffffffu, s.nan, off);
     s = state_merge(s, o);
   }
+  return s;
+}
+
+__device__ SoftmaxState block_merge(SoftmaxState s, SoftmaxState* smem) {
+  s = warp_merge(s);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) smem[warp] = s;
   __syncthreads();
   if (warp == 0) {
-    s = lane < kWarps ? smem[lane] : state_empty();
-    for (int off = 16; off > 0; off >>= 1) {
-      SoftmaxState o;
-      o.max = __shfl_xor_sync(0xffffffffu, s.max, off);
-      o.sum = __shfl_xor_sync(0xffffffffu, s.sum, off);
-      o.arg = __shfl_xor_sync(0xffffffffu, s.arg, off);
-      o.nan = __shfl_xor_sync(0xffffffffu, s.nan, off);
-      s = state_merge(s, o);
-    }
+    s = warp_merge(lane < kWarps ? smem[lane] : state_empty());
     if (lane == 0) smem[0] = s;
   }
   __syncthreads();
