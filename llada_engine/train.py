@@ -1,6 +1,7 @@
 """Training entry point: `python -m llada_engine.train CONFIG [--resume] [--set section.key=value ...]`, also
 under torchrun (`torchrun --nproc_per_node N -m llada_engine.train CONFIG`) and as `llada-engine train`."""
 import argparse
+import os
 import sys
 
 
@@ -17,7 +18,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, parse_overrides(args.set))
     final = train(config, resume=args.resume)
-    print(f"last checkpoint: {final}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"last checkpoint: {final}")
     return 0
 
 

@@ -9,6 +9,7 @@ step with gradient clipping at the WSD learning rate. RUN/metrics.jsonl gets a l
 tokens/s) and per validation; RUN/loss.png is drawn at the end. With resume, the run continues from its
 latest complete checkpoint and ends with the same weights as a run never interrupted.
 """
+import contextlib
 import json
 import shutil
 import time
@@ -153,16 +154,15 @@ class Trainer:
         lr = self.schedule.lr_at(step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        start = time.perf_counter()
         rows = self.train_data.next_rows(self.config.data.batch_rows)
         batch = self._batch(rows, phase, step, 0)
         o = self.config.optim
-        noise_on = o.embedding_noise_std > 0 and step < o.embedding_noise_steps
-        start = time.perf_counter()
-        if noise_on:
-            with embedding_noise(self.module, mask_id=self.mask_id, std=o.embedding_noise_std,
-                                 generator=row_generator(self.config.run.seed, step, self.env.rank, 1)):
-                loss, _ = self._loss(self.model, batch, phase)
-        else:
+        noise = contextlib.nullcontext()
+        if o.embedding_noise_std > 0 and step < o.embedding_noise_steps:
+            noise = embedding_noise(self.module, mask_id=self.mask_id, std=o.embedding_noise_std,
+                                    generator=row_generator(self.config.run.seed, step, self.env.rank, 1))
+        with noise:
             loss, _ = self._loss(self.model, batch, phase)
         (loss * self.env.world).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), o.grad_clip if o.grad_clip > 0 else float("inf"))
