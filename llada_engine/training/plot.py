@@ -2,9 +2,11 @@
 
     write_loss_png(path, train=[(step, loss)], valid=[(step, loss)], phase_starts=[step])
 
+Steps are 1-based (a record's step counts the steps done); phase_starts are 0-based step indices.
+
 Train loss in blue, validation loss in red (with dots), a grey vertical line at the start of each phase,
-a light grid at every tenth of each axis. The axis ranges are printed in the PNG's tEXt chunk and the
-metrics JSONL holds the numbers.
+a light grid at every tenth of each axis, the loss range written at the ends of the y axis and the step
+range at the ends of the x axis (a 3x5 pixel digit font). The metrics JSONL holds the numbers.
 """
 import struct
 import zlib
@@ -14,6 +16,24 @@ import numpy as np
 
 WIDTH, HEIGHT, MARGIN = 800, 480, 40
 BLUE, RED, GREY, LIGHT, BLACK = (31, 119, 180), (214, 39, 40), (150, 150, 150), (232, 232, 232), (0, 0, 0)
+
+
+_DIGITS = {  # 3x5 glyphs, rows top to bottom, 3 bits each
+    "0": "111101101101111", "1": "010110010010111", "2": "111001111100111", "3": "111001111001111",
+    "4": "101101111001001", "5": "111100111001111", "6": "111100111101111", "7": "111001001001001",
+    "8": "111101111101111", "9": "111101111001111", ".": "000000000000010", "-": "000000111000000",
+}
+
+
+def _text(image, x, y, text, scale=2):
+    """Draws digits, '.' and '-' with the top-left corner at (x, y)."""
+    for char in text:
+        glyph = np.array([int(b) for b in _DIGITS[char]], dtype=bool).reshape(5, 3)
+        block = np.kron(glyph, np.ones((scale, scale), dtype=bool))
+        h, w = block.shape
+        region = image[y:y + h, x:x + w]
+        region[block[:region.shape[0], :region.shape[1]]] = BLACK
+        x += w + scale
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
@@ -59,8 +79,8 @@ def write_loss_png(path, train: list, valid: list, phase_starts: list) -> None:
         _line(image, x, MARGIN, x, HEIGHT - MARGIN, LIGHT)
         _line(image, MARGIN, y, WIDTH - MARGIN, y, LIGHT)
     for start in phase_starts:
-        if s_lo <= start <= s_hi:
-            x, _ = px(start, l_lo)
+        if s_lo <= start + 0.5 <= s_hi:
+            x, _ = px(start + 0.5, l_lo)
             _line(image, x, MARGIN, x, HEIGHT - MARGIN, GREY)
     _line(image, MARGIN, HEIGHT - MARGIN, WIDTH - MARGIN, HEIGHT - MARGIN, BLACK)
     _line(image, MARGIN, MARGIN, MARGIN, HEIGHT - MARGIN, BLACK)
@@ -71,6 +91,10 @@ def write_loss_png(path, train: list, valid: list, phase_starts: list) -> None:
         if series is valid:
             for x, y in xy:
                 image[max(int(y) - 2, 0):int(y) + 3, max(int(x) - 2, 0):int(x) + 3] = color
+    _text(image, 2, MARGIN - 12, f"{l_hi:.3f}")
+    _text(image, 2, HEIGHT - MARGIN + 2, f"{l_lo:.3f}")
+    _text(image, MARGIN, HEIGHT - MARGIN + 14, str(s_lo))
+    _text(image, WIDTH - MARGIN - 8 * len(str(s_hi)), HEIGHT - MARGIN + 14, str(s_hi))
     text = {"Title": "loss curve (blue: train, red: validation, grey: phase starts)",
             "Steps": f"{s_lo}..{s_hi}", "Loss": f"{l_lo:.4f}..{l_hi:.4f}"}
     Path(path).write_bytes(encode_png(image, text))

@@ -74,6 +74,9 @@ class Trainer:
             if not found:
                 raise FileNotFoundError(f"{self.out}: --resume found no checkpoint under {self.out / 'checkpoints'}")
             self.resume_from = found[-1]
+        elif list_checkpoints(self.out):
+            raise FileExistsError(f"{self.out}: this run folder already has checkpoints; continue it with --resume "
+                                  f"or set another run.out_dir")
 
         self.module = self._initial_model() if self.resume_from is None else self._load(self.resume_from)
         self.module.train()
@@ -204,7 +207,7 @@ class Trainer:
     def _save(self, step: int, valid_loss: Optional[float]) -> Path:
         phase = self.schedule.phase_at(step - 1)
         state = {"data": self.train_data.state(), "valid_loss": valid_loss, "phase": phase.name,
-                 "objective": phase.objective, "block_size": phase.block_size}
+                 "objective": phase.objective, "block_size": phase.block_size, "lr": self.schedule.lr_at(step - 1)}
         path = save_checkpoint(self.out, step, self.module, self.optimizer, state, self.tokenizer_file,
                                sharded=self.sharded, rank=self.env.rank)
         keep = self.config.run.keep_last

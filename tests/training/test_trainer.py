@@ -137,6 +137,9 @@ def test_mismatched_data_and_resume_without_checkpoint(tmp_path, setup):
     fresh = run_config(tmp_path / "fresh", init=ckpt, train=corpus, phases=[{"objective": "ar", "steps": 1}])
     with pytest.raises(FileNotFoundError, match="--resume found no checkpoint"):
         train(load_config(write_config(tmp_path / "f.yaml", fresh)), resume=True)
+    train(load_config(tmp_path / "f.yaml"))
+    with pytest.raises(FileExistsError, match="already has checkpoints; continue it with --resume"):
+        train(load_config(tmp_path / "f.yaml"))
     rows = run_config(tmp_path / "rows", init=ckpt, train=corpus, phases=[{"objective": "ar", "steps": 1}])
     rows["data"]["row_length"] = 16
     with pytest.raises(ValueError, match="longer than data.row_length 16"):
