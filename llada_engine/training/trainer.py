@@ -84,6 +84,9 @@ class Trainer:
         if mc.eos_token_id is None:
             raise ValueError(f"{config.source}: the model config has no eos_token_id")
         self.mask_id, self.eos_id = mc.mask_token_id, mc.eos_token_id
+        if self.tokenizer.get_vocab_size() > mc.vocab_size:
+            raise ValueError(f"{self.tokenizer_file}: {self.tokenizer.get_vocab_size()} tokens do not fit the model's "
+                             f"vocab_size {mc.vocab_size}")
         data = config.data
         self.train_data = PackedData(read_examples(data.train, self.tokenizer, self.eos_id, data.row_length,
                                                    data.split_long), data.row_length, mc.pad_token_id, config.run.seed)

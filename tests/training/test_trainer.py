@@ -114,8 +114,10 @@ def test_sft_dpo_and_from_scratch_runs(tmp_path, setup):
     root, ckpt, corpus, _ = setup
     sft = run_config(tmp_path / "sft", init=ckpt, train=sft_corpus(tmp_path / "s.jsonl"),
                      phases=[{"objective": "bdlm", "steps": 3, "block_size": 8, "complementary": True,
-                              "mask_band": [0.2, 0.8], "weighting": "mean", "cap_lambda": 0.1}])
+                              "mask_band": [0.2, 0.8], "weighting": "mean", "cap_lambda": 0.1}],
+                     run={"save_every": 1, "keep_last": 2})
     train(load_config(write_config(tmp_path / "sft.yaml", sft)))
+    assert [p.name for p in list_checkpoints(tmp_path / "sft" / "run")] == ["step-0000002", "step-0000003"]
     dpo = run_config(tmp_path / "dpo", init=ckpt, train=dpo_corpus(tmp_path / "d.jsonl"),
                      phases=[{"objective": "dpo", "steps": 3, "block_size": 8, "beta": 0.1}])
     train(load_config(write_config(tmp_path / "dpo.yaml", dpo)))
