@@ -64,29 +64,30 @@ def _safe(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(min=1.0)
 
 
-def bd3_logits(model, batch: Batch, block_size: int, tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Logits [T, V] of the x_t half of every sequence, [x_t | x_0] through the model under mask="bd3"."""
+def bd3_logits(model, batch: Batch, block_size: int) -> torch.Tensor:
+    """Logits [M, V] of the masked tokens of x_t, [x_t | x_0] of every sequence through the model under
+    mask="bd3"."""
     seq = batch.seq
     starts = batch.cu_seqlens[:-1].long()
     lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).long()
     noisy_at = torch.arange(len(seq), device=seq.device) + starts[seq]                 # [T] in the doubled layout
-    clean_at = noisy_at + lengths[seq]
     both = torch.empty(2 * len(seq), dtype=torch.int64, device=seq.device)
-    both[noisy_at] = batch.xt if tokens is None else tokens
-    both[clean_at] = batch.x0
-    logits = model(both, batch.cu_seqlens * 2, block_size=block_size, mask="bd3")    # [2T, V]
-    return logits[noisy_at]
+    both[noisy_at] = batch.xt
+    both[noisy_at + lengths[seq]] = batch.x0
+    return model(both, batch.cu_seqlens * 2, block_size=block_size, mask="bd3", logits_at=noisy_at[batch.masked])
 
 
 def diffusion_logits(model, batch: Batch, phase: Phase) -> torch.Tensor:
+    """Logits [M, V] of the masked tokens under the phase's objective (bdlm or mdlm)."""
     if phase.objective == "mdlm":
-        return model(batch.xt, batch.cu_seqlens, block_size=phase.block_size, mask="block_causal")
+        return model(batch.xt, batch.cu_seqlens, block_size=phase.block_size, mask="block_causal",
+                     logits_at=batch.masked.nonzero().squeeze(1))
     return bd3_logits(model, batch, phase.block_size)
 
 
 def diffusion_loss(model, batch: Batch, phase: Phase, total: Total) -> tuple[torch.Tensor, dict]:
     """bdlm or mdlm, plus CAP when phase.cap_lambda > 0."""
-    logits = diffusion_logits(model, batch, phase)[batch.masked]                    # [M, V]
+    logits = diffusion_logits(model, batch, phase)                                  # [M, V]
     target = batch.x0[batch.masked]
     ce = F.cross_entropy(logits, target, reduction="none")                          # [M]
     if phase.weighting == "elbo":
@@ -110,17 +111,19 @@ def cap_entropy(logits: torch.Tensor, target: torch.Tensor, total: Total) -> tor
 
 
 def ar_loss(model, batch: Batch, phase: Phase, total: Total) -> tuple[torch.Tensor, dict]:
-    logits = model(batch.x0, batch.cu_seqlens, block_size=1, mask="block_causal")  # [T, V]
     seq = batch.seq
     valid = batch.trainable[1:] & (seq[1:] == seq[:-1])                             # target i + 1 from position i
-    ce = F.cross_entropy(logits[:-1][valid], batch.x0[1:][valid], reduction="none")
+    logits = model(batch.x0, batch.cu_seqlens, block_size=1, mask="block_causal",
+                   logits_at=valid.nonzero().squeeze(1))                            # [N, V]
+    ce = F.cross_entropy(logits, batch.x0[1:][valid], reduction="none")
     return ce.sum() / _safe(total(valid.sum().float())), {"ce": ce.detach().sum(), "targets": valid.sum()}
 
 
 def sequence_elbo(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
-    """One-sample ELBO of each sequence [S]: -sum over its masked tokens of CE / t."""
+    """One-sample ELBO of each sequence [S] from the logits of the masked tokens [M, V]: -sum over its masked
+    tokens of CE / t."""
     m = batch.masked
-    ce = F.cross_entropy(logits[m], batch.x0[m], reduction="none") / batch.t[m]
+    ce = F.cross_entropy(logits, batch.x0[m], reduction="none") / batch.t[m]
     return -torch.zeros(len(batch.roles), dtype=ce.dtype, device=ce.device).index_add(0, batch.seq[m], ce)
 
 
