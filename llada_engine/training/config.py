@@ -256,7 +256,8 @@ def config_from_dict(raw: dict, *, source: str = "config") -> RunConfig:
             _fail(source, f"data.{key}", f"must be positive, got {getattr(data, key)}")
     if run.parallel not in PARALLEL:
         _fail(source, "run.parallel", f"must be one of {PARALLEL}, got {run.parallel!r}")
-    if run.valid_t is not None and not 0.0 < run.valid_t <= 1.0:
+    run.valid_t = _yaml_float(run.valid_t)
+    if run.valid_t is not None and (isinstance(run.valid_t, (bool, str)) or not 0.0 < run.valid_t <= 1.0):
         _fail(source, "run.valid_t", f"must be in (0, 1], got {run.valid_t}")
     if run.eval_every and not data.valid:
         _fail(source, "run.eval_every", "needs data.valid")

@@ -10,6 +10,8 @@ for the diffusion objectives; `ar` predicts token i + 1 from position i.
     dpo   -log sigmoid(beta [(B(y_w) - B_ref(y_w)) - (B(y_l) - B_ref(y_l))]), B the one-sample bd3 ELBO of a
           sequence (-sum over its masked tokens of CE / t); the reference sees the same x_t, without grad
 
+Each returns (loss, extras): extras are scalars whose sum over the processes is logged (ce: summed
+cross-entropy, masked / targets / pairs: counts, cap_entropy: the CAP term, margin: summed DPO margins).
 `total(x)` sums a count over every process (the identity on one process), so each loss is a sum over the
 global batch divided by a global count: the same number on one process or many for the same global batch.
 T = tokens of the batch, S = its sequences, V = vocabulary.

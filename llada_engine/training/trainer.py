@@ -169,7 +169,7 @@ class Trainer:
             noise = embedding_noise(self.module, mask_id=self.mask_id, std=o.embedding_noise_std,
                                     generator=row_generator(self.config.run.seed, step, self.env.rank, 1))
         with noise:
-            loss, _ = self._loss(self.model, batch, phase)
+            loss, extras = self._loss(self.model, batch, phase)
         (loss * self.env.world).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), o.grad_clip if o.grad_clip > 0 else float("inf"))
         self.optimizer.step()
@@ -178,7 +178,8 @@ class Trainer:
         seconds = time.perf_counter() - start
         return {"step": step + 1, "phase": phase.name, "objective": phase.objective, "block_size": phase.block_size,
                 "lr": lr, "loss": float(self.env.total(loss.detach()).item()), "grad_norm": float(grad_norm),
-                "tokens": tokens, "tokens_per_s": tokens / seconds, "seconds": seconds}
+                "tokens": tokens, "tokens_per_s": tokens / seconds, "seconds": seconds,
+                **{k: float(self.env.total(v.float()).item()) for k, v in extras.items()}}
 
     @torch.no_grad()
     def validate(self, step: int) -> float:
