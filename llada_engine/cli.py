@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     merge = commands.add_parser("merge", help="average checkpoints (a run's top-k by validation loss)")
     merge.add_argument("checkpoints", nargs="*", help="checkpoint folders to average (instead of --run)")
-    merge.add_argument("--run", dest="run_dir", help="a run folder: merge its --top-k checkpoints with the lowest validation loss")
+    merge.add_argument("--run", dest="run_dir",
+                       help="a run folder: merge its --top-k checkpoints with the lowest validation loss")
     merge.add_argument("--top-k", type=int, default=3)
     merge.add_argument("--out", required=True, help="output folder")
     merge.set_defaults(run=_merge)

@@ -13,8 +13,8 @@
             complementary, mask_band, cap_lambda, beta, name}
 
 Relative paths are relative to the working directory (the shipped configs/ are run from the repository
-root). model.init may name a run folder: its latest checkpoint is used. Unknown keys, missing keys and bad values raise a
-ValueError that names the file and the key.
+root). model.init may name a run folder: its latest checkpoint is used. Unknown keys, missing keys and bad
+values raise a ValueError that names the file and the key.
 """
 import dataclasses
 import json

@@ -21,7 +21,7 @@ class Phase:
     name: str = ""
     t_min: float = 1e-3             # per document t ~ U[t_min, t_max], each token masked with probability t
     t_max: float = 1.0
-    weighting: str = "elbo"         # elbo: CE / t summed over masked tokens per trained token; mean: CE per masked token
+    weighting: str = "elbo"         # elbo: sum of CE / t per trainable token; mean: CE per masked token
     complementary: bool = False     # each row twice: with mask M and with its complement
     mask_band: Optional[tuple[float, float]] = None  # realised mask ratio of each document clipped to [lo, hi]
     cap_lambda: float = 0.0         # weight of the CAP entropy term

@@ -3,10 +3,10 @@
     Trainer(config, resume=False).run() -> the last checkpoint's folder
 
 Each step takes the next `batch_rows` packed rows (the global batch; process r of W takes rows r, r + W, ...),
-masks each row with a generator seeded by (seed, step, row), so the noise depends neither on the number of
-processes nor on where a run was resumed, computes the phase's objective (losses.py), and takes one AdamW
-step with gradient clipping at the WSD learning rate. RUN/metrics.jsonl gets a line per step (loss, lr,
-tokens/s) and per validation; RUN/loss.png is drawn at the end. With resume, the run continues from its
+masks each row (and draws the embedding noise of its MASK tokens) with generators seeded by (seed, step, row),
+so the noise depends neither on the number of processes nor on where a run was resumed, computes the phase's
+objective (losses.py), and takes one AdamW step with gradient clipping at the WSD learning rate.
+RUN/metrics.jsonl gets a line per step (loss, lr, tokens/s) and per validation; RUN/loss.png is drawn at the end. With resume, the run continues from its
 latest complete checkpoint and ends with the same weights as a run never interrupted.
 """
 import contextlib
@@ -138,19 +138,28 @@ class Trainer:
 
     # ---- one step -------------------------------------------------------------------------------------------
 
-    def _batch(self, rows, phase: Phase, stream: int, first_row: int, t_fixed: Optional[float] = None):
-        """This process's share of `rows`, masked, as one packed batch on the device."""
-        pairs = []
+    def _batch(self, rows, phase: Phase, stream: int, first_row: int, t_fixed: Optional[float] = None,
+               noise_std: float = 0.0):
+        """This process's share of `rows`, masked, as one packed batch on the device, and (with noise_std) the
+        embedding noise of its MASK tokens [M, H], drawn per row."""
+        pairs, noise = [], []
+        seed = self.config.run.seed
         for i in range(self.env.rank, len(rows), self.env.world):
             row = rows[i]
             if phase.objective == "ar":
                 noisy = mask_row(row, row_generator(0), mask_id=self.mask_id, t_min=0.0, t_max=0.0)
             else:
                 t_min, t_max = (t_fixed, t_fixed) if t_fixed is not None else (phase.t_min, phase.t_max)
-                noisy = mask_row(row, row_generator(self.config.run.seed, stream, first_row + i), mask_id=self.mask_id,
+                noisy = mask_row(row, row_generator(seed, stream, first_row + i), mask_id=self.mask_id,
                                  t_min=t_min, t_max=t_max, band=phase.mask_band, complementary=phase.complementary)
             pairs += [(row, n) for n in noisy]
-        return collate(pairs).to(self.env.device)
+            if noise_std:
+                hidden = self.module.config.hidden_size
+                for copy, n in enumerate(noisy):
+                    g = row_generator(seed, stream, first_row + i, copy + 1)
+                    noise.append(noise_std * torch.randn(int(n.masked.sum()), hidden, generator=g))
+        batch = collate(pairs).to(self.env.device)
+        return batch, (torch.cat(noise).to(self.env.device) if noise_std else None)
 
     def _loss(self, model, batch, phase: Phase):
         return objective_loss(model, batch, phase, self.env.total, self.reference)
@@ -162,16 +171,17 @@ class Trainer:
             group["lr"] = lr
         start = time.perf_counter()
         rows = self.train_data.next_rows(self.config.data.batch_rows)
-        batch = self._batch(rows, phase, step, 0)
         o = self.config.optim
-        noise = contextlib.nullcontext()
-        if o.embedding_noise_std > 0 and step < o.embedding_noise_steps:
-            noise = embedding_noise(self.module, mask_id=self.mask_id, std=o.embedding_noise_std,
-                                    generator=row_generator(self.config.run.seed, step, self.env.rank, 1))
-        with noise:
+        noise_std = o.embedding_noise_std if step < o.embedding_noise_steps and phase.objective != "ar" else 0.0
+        batch, noise = self._batch(rows, phase, step, 0, noise_std=noise_std)
+        context = contextlib.nullcontext()
+        if noise is not None:
+            context = embedding_noise(self.module, mask_id=self.mask_id, noise=noise)
+        with context:
             loss, extras = self._loss(self.model, batch, phase)
         (loss * self.env.world).backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), o.grad_clip if o.grad_clip > 0 else float("inf"))
+        clip = o.grad_clip if o.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         tokens = int(self.env.total(torch.tensor(float(len(batch.x0)))).item())
@@ -189,7 +199,7 @@ class Trainer:
             rows = self.valid_rows[first:first + n]
             if len(rows) < self.env.world:
                 break
-            batch = self._batch(rows, phase, VALID_STREAM, first, self.config.run.valid_t)
+            batch, _ = self._batch(rows, phase, VALID_STREAM, first, self.config.run.valid_t)
             loss, _ = self._loss(self.module, batch, phase)
             losses.append(float(self.env.total(loss).item()))
         return float(np.mean(losses)) if losses else float("nan")

@@ -31,8 +31,9 @@ def test_text_documents_are_packed_whole_with_eos(tmp_path, tokenizer):
                 seen.append(tuple(row.tokens[at:at + n].tolist()))
             at += n
     assert sorted(seen) == docs
-    assert [r.tokens.tolist() for r in PackedData(examples, 64, EOS, seed=1).rows(0)] == [r.tokens.tolist() for r in rows]
-    assert [r.tokens.tolist() for r in PackedData(examples, 64, EOS, seed=2).rows(0)] != [r.tokens.tolist() for r in rows]
+    tokens = lambda rs: [r.tokens.tolist() for r in rs]  # noqa: E731
+    assert tokens(PackedData(examples, 64, EOS, seed=1).rows(0)) == tokens(rows)
+    assert tokens(PackedData(examples, 64, EOS, seed=2).rows(0)) != tokens(rows)
 
 
 def test_position_resumes_exactly(tmp_path, tokenizer):
@@ -68,7 +69,8 @@ def test_split_long_cuts_plain_text(tmp_path, tokenizer):
 @pytest.mark.parametrize("name,content,message", [
     ("missing.txt", None, "no such data file"),
     ("empty.jsonl", [{"text": "fine"}, {"text": "  "}], "empty.jsonl:2: empty document"),
-    ("long.jsonl", [{"text": "ok"}, {"text": "y" * 80}], "long.jsonl:2: document of 81 tokens is longer than data.row_length 64"),
+    ("long.jsonl", [{"text": "ok"}, {"text": "y" * 80}],
+     "long.jsonl:2: document of 81 tokens is longer than data.row_length 64"),
     ("long_sft.jsonl", [{"prompt": "p" * 40, "response": "r" * 30}], "long_sft.jsonl:1: document of 71 tokens"),
     ("mixed.jsonl", [{"text": "a"}, {"prompt": "b", "response": "c"}], "mixed.jsonl:2: a sft record in a file of text"),
     ("keys.jsonl", [{"body": "a"}], "keys.jsonl:1: a record must have the keys"),

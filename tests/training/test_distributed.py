@@ -1,5 +1,5 @@
 """torchrun --nproc_per_node 2 (gloo, CPU) with DDP and with FSDP2 gives the losses and the weights of one
-process with the same global batch."""
+process with the same global batch (masks and MASK-embedding noise included)."""
 import json
 import subprocess
 import sys
@@ -22,7 +22,8 @@ def test_two_processes_match_one(tmp_path):
     corpus, valid = text_corpus(tmp_path / "train.txt", n=80), text_corpus(tmp_path / "valid.txt", n=16, seed=3)
     phases = [{"objective": "ar", "steps": 2}, {"objective": "bdlm", "steps": 2, "block_size": 4, "cap_lambda": 0.1},
               {"objective": "mdlm", "steps": 2}]
-    base = dict(init=ckpt, train=corpus, valid=valid, phases=phases, run={"save_every": 3})
+    base = dict(init=ckpt, train=corpus, valid=valid, phases=phases, run={"save_every": 3},
+                optim={"embedding_noise_std": 0.2, "embedding_noise_steps": 4})
     train(load_config(write_config(tmp_path / "one.yaml", run_config(tmp_path / "one", **base))))
     want = records(tmp_path / "one" / "run")
     want_weights = load_file(tmp_path / "one" / "run" / "checkpoints" / "step-0000006" / "model.safetensors")
