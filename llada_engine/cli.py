@@ -3,7 +3,7 @@
     llada-engine info                          what the native extension was built with, what this machine has
     llada-engine generate --model DIR PROMPT   block-diffusion generation, streamed, with a stats line last
     llada-engine train CONFIG [--resume]       a training run (llada_engine/training), see configs/
-    llada-engine merge RUN --top-k K --out DIR the mean of a run's K best checkpoints by validation loss
+    llada-engine merge --run RUN --top-k K --out DIR   the mean of a run's K best checkpoints by validation loss
 """
 import argparse
 import sys
