@@ -2,6 +2,8 @@
 
     llada-engine info                          what the native extension was built with, what this machine has
     llada-engine generate --model DIR PROMPT   block-diffusion generation, streamed, with a stats line last
+    llada-engine train CONFIG [--resume]       a training run (llada_engine/training), see configs/
+    llada-engine merge --run RUN --top-k K --out DIR   the mean of a run's K best checkpoints by validation loss
 """
 import argparse
 import sys
@@ -68,6 +70,23 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from llada_engine import train
+
+    return train.run(args)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from llada_engine.training import merge_checkpoints, top_k_by_valid_loss
+
+    paths = args.checkpoints if args.run_dir is None else top_k_by_valid_loss(args.run_dir, args.top_k)
+    if not paths:
+        raise SystemExit("llada-engine merge: give --run RUN_DIR, or checkpoint folders")
+    out = merge_checkpoints(paths, args.out)
+    print(f"merged {len(paths)} checkpoints into {out}: " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llada-engine", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -95,6 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--backend", choices=["kernels", "reference"], default="kernels")
     gen.add_argument("--quiet-stats", action="store_true", help="print the stats line to stderr")
     gen.set_defaults(run=_generate)
+
+    from llada_engine.train import add_arguments
+
+    train = commands.add_parser("train", help="train or convert a model with a run configuration (YAML or JSON)")
+    add_arguments(train)
+    train.set_defaults(run=_train)
+
+    merge = commands.add_parser("merge", help="average checkpoints (a run's top-k by validation loss)")
+    merge.add_argument("checkpoints", nargs="*", help="checkpoint folders to average (instead of --run)")
+    merge.add_argument("--run", dest="run_dir",
+                       help="a run folder: merge its --top-k checkpoints with the lowest validation loss")
+    merge.add_argument("--top-k", type=int, default=3)
+    merge.add_argument("--out", required=True, help="output folder")
+    merge.set_defaults(run=_merge)
     return parser
 
 

@@ -51,8 +51,10 @@ def _moe(x, sd, prefix, cfg):
     return routed
 
 
-def official_forward(sd: dict, cfg: dict, ids: torch.Tensor, block_length: int) -> torch.Tensor:
-    """Logits fp32 [T, V] of one sequence ids [T] under generate()'s block-causal mask."""
+def official_forward(sd: dict, cfg: dict, ids: torch.Tensor, block_length: int, *, keep: torch.Tensor = None,
+                     positions: torch.Tensor = None) -> torch.Tensor:
+    """Logits fp32 [T, V] of one sequence ids [T] under generate()'s block-causal mask, or under the boolean
+    mask `keep` [T, T] (query row sees key column) with rotary `positions` [T] when given."""
     T = ids.shape[0]
     H, nh, nkv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
     D = cfg.get("head_dim") or H // nh
@@ -60,8 +62,10 @@ def official_forward(sd: dict, cfg: dict, ids: torch.Tensor, block_length: int) 
     eps = cfg["rms_norm_eps"]
     blocks = torch.arange(T) // block_length
     bias = torch.zeros(T, T).masked_fill(blocks[None, :] > blocks[:, None], float("-inf"))
+    if keep is not None:
+        bias = torch.zeros(T, T).masked_fill(~keep, float("-inf"))
     inv = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, rd, 2).float() / rd))
-    freqs = torch.arange(T).float()[:, None] * inv[None]
+    freqs = (torch.arange(T) if positions is None else positions).float()[:, None] * inv[None]
     emb = torch.cat((freqs, freqs), -1)
     h = sd["model.word_embeddings.weight"][ids]
     cos, sin = emb.cos().to(h.dtype), emb.sin().to(h.dtype)

@@ -1,6 +1,7 @@
 """The LLaDA2.0 model: embeddings, decoder layers, final norm and the untied lm_head (DESIGN.md §4).
 
-    model(input_ids, cu_seqlens=None, *, block_size, mask="block_causal") -> logits fp32 [T, V]
+    model(input_ids, cu_seqlens=None, *, block_size, mask="block_causal", logits_at=None) -> logits fp32 [T, V]
+    (or [N, V] for the N token indices `logits_at`: training needs the logits of a few tokens only)
 
 `input_ids` int64 [T] packs one or more sequences (cu_seqlens int32 [S+1]); positions restart at 0 in each
 sequence (under mask="bd3" each half [x_t | x_0] takes positions 0..n-1). Tokens are predicted at their own
@@ -70,7 +71,7 @@ class LLaDA2Model(nn.Module):
                              f"[{input_ids.min().item()}, {input_ids.max().item()}]")
 
     def forward(self, input_ids: torch.Tensor, cu_seqlens: Optional[torch.Tensor] = None, *, block_size: int,
-                mask: str = "block_causal") -> torch.Tensor:
+                mask: str = "block_causal", logits_at: Optional[torch.Tensor] = None) -> torch.Tensor:
         self._check_ids(input_ids, 1)
         if mask not in MASKS:
             raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
@@ -79,7 +80,8 @@ class LLaDA2Model(nn.Module):
             cu_seqlens = torch.tensor([0, T], dtype=torch.int32, device=input_ids.device)
         positions, max_seqlen = packed_positions(cu_seqlens, T, bd3=mask == "bd3")
         context = PackedContext(self._ops, cu_seqlens, max_seqlen, block_size, mask)
-        return self.lm_head(self._hidden(input_ids, positions, context)).float()     # [T, V]
+        h = self._hidden(input_ids, positions, context)                              # [T, H]
+        return self.lm_head(h if logits_at is None else h[logits_at]).float()       # [T or N, V]
 
     def prefill(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, cache, rows: torch.Tensor,
                 block_size: int) -> None:

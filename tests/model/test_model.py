@@ -181,3 +181,14 @@ def test_bad_inputs(tiny):
         model(torch.arange(5), block_size=4, mask="bd3")
     with pytest.raises(ValueError, match="mask must be one of"):
         model(torch.arange(4), block_size=4, mask="causal")
+
+
+def test_logits_at_selects_tokens(tiny):
+    path, cfg, _ = tiny
+    model = llada_engine.load_model(path)
+    ids = torch.randint(0, cfg["vocab_size"], (20,), generator=torch.Generator().manual_seed(6))
+    at = torch.tensor([0, 7, 19, 3])
+    full = model(torch.cat([ids, ids]), torch.tensor([0, 40], dtype=torch.int32), block_size=4, mask="bd3")
+    some = model(torch.cat([ids, ids]), torch.tensor([0, 40], dtype=torch.int32), block_size=4, mask="bd3",
+                 logits_at=at)
+    torch.testing.assert_close(some, full[at], rtol=1e-6, atol=1e-6)

@@ -1,0 +1,67 @@
+"""Scale-out through torch.distributed only: a process group when torchrun started us, DDP or FSDP2 around
+the model, and the global sum that makes a loss independent of the number of processes.
+
+    env = setup()                          # rank, world size, device (gloo on CPU, nccl on CUDA)
+    forward_model = wrap(model, "ddp" | "fsdp", env)
+    env.total(count)                       # sum over processes (a new tensor; the identity on one process)
+
+One process (no torchrun, or WORLD_SIZE=1) runs without a process group. Under FSDP2 each decoder layer and
+then the whole model are sharded with torch.distributed.fsdp.fully_shard; the model is the wrapper.
+"""
+import dataclasses
+import os
+
+import torch
+import torch.distributed as dist
+
+
+@dataclasses.dataclass
+class DistEnv:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def total(self, x: torch.Tensor) -> torch.Tensor:
+        if self.world == 1:
+            return x
+        x = x.detach().clone()
+        dist.all_reduce(x)
+        return x
+
+
+def setup() -> DistEnv:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world == 1:
+        return DistEnv(device=device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return DistEnv(dist.get_rank(), dist.get_world_size(), device)
+
+
+def teardown(env: DistEnv) -> None:
+    if env.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: torch.nn.Module, parallel: str, env: DistEnv) -> torch.nn.Module:
+    if env.world == 1:
+        return model
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
