@@ -112,12 +112,6 @@ class MoE(nn.Module):
             router_logits, self.gate.expert_bias, top_k=self.top_k, n_group=self.n_group,
             topk_group=self.topk_group, routed_scaling_factor=self.routed_scaling_factor,
             norm_topk_prob=self.top_k > 1)                                             # [T, k], [T, k]
-        if torch.is_grad_enabled() and self.gate.weight.requires_grad:
-            # moe_route's weights carry no gradient: recompute them from the logits so the router trains
-            scores = torch.sigmoid(router_logits).gather(1, topk_ids.long())
-            if self.top_k > 1:
-                scores = scores / (scores.sum(-1, keepdim=True) + 1e-20)
-            topk_weights = scores * self.routed_scaling_factor
         y = ops.moe_experts(x, topk_ids, topk_weights, self.w13, self.w2)              # [T, H]
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

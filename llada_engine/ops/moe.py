@@ -20,7 +20,7 @@ topk_weights: the backward of the grouped GEMM is the same op with b transposed 
 grouped GEMM over a ragged K (weights, zero for experts that got no row).
 
 Devices: the C++ CPU kernels take fp32 and bf16 of any size (the grouped GEMM picks the llada kernel or
-ATen's GEMM per group by measured speed; LLADA_MOE_CPU_GEMM=kernel|aten forces one). On CUDA, routing
+ATen's GEMM per group by a rule set from measured speeds; LLADA_MOE_CPU_GEMM=kernel|aten forces one). On CUDA, routing
 and (un)permutation take fp32/bf16/fp16; the grouped GEMMs take bf16 with N and K multiples of 8 (CUTLASS
 3.x pointer-array kernels on sm_90, 2.x GemmGrouped on sm_80) or fp32 of any size (CUTLASS 2.x SIMT). Offsets never leave the device there, so
 index checks that need their values (offsets, ids, inverse) run on the CPU only: on CUDA an id outside
@@ -221,3 +221,21 @@ if kernels_available():
                 grad_w if ctx.needs_input_grad[2] else None)
 
     torch.library.register_autograd("llada::moe_unpermute", _unpermute_backward, setup_context=_unpermute_setup)
+
+    def _route_setup(ctx, inputs, keyword_only_inputs, output):
+        ctx.save_for_backward(inputs[0], output[0])
+        ctx.norm_topk_prob = keyword_only_inputs.get("norm_topk_prob", True)
+        ctx.scale = keyword_only_inputs["routed_scaling_factor"]
+
+    def _route_backward(ctx, grad_ids, grad_weights):
+        # The choice of experts is piecewise constant: the gradient flows through the chosen weights only.
+        router_logits, topk_ids = ctx.saved_tensors
+        with torch.enable_grad():
+            logits = router_logits.detach().requires_grad_()
+            scores = torch.sigmoid(logits.float()).gather(1, topk_ids.long())          # [T, k]
+            if ctx.norm_topk_prob:
+                scores = scores / (scores.sum(-1, keepdim=True) + 1e-20)
+            (grad_logits,) = torch.autograd.grad(scores * ctx.scale, logits, grad_weights)
+        return grad_logits, None
+
+    torch.library.register_autograd("llada::moe_route", _route_backward, setup_context=_route_setup)

@@ -415,3 +415,20 @@ def opcheck_samples(device):
                              ((a.bfloat16(), b.bfloat16(), offsets), {})],
         "moe_grouped_gemm_wgrad": [((grad_c, a, offsets), {})],
     }
+
+
+def test_route_weights_are_differentiable_in_the_logits():
+    g = torch.Generator().manual_seed(31)
+    logits = torch.randn(9, 16, generator=g, dtype=torch.float64).float().requires_grad_()
+    bias = torch.randn(16, generator=g) * 0.1
+    kw = dict(top_k=3, n_group=4, topk_group=2, routed_scaling_factor=2.5)
+    ids, weights = moe_route(logits, bias, **kw)
+    upstream = torch.randn(9, 3, generator=g)
+    (grad,) = torch.autograd.grad((weights * upstream).sum(), logits)
+    ref_logits = logits.detach().clone().requires_grad_()
+    ref_ids, ref_weights = moe_route_ref(ref_logits, bias, **kw)
+    assert torch.equal(ids, ref_ids)
+    (ref_grad,) = torch.autograd.grad((ref_weights * upstream).sum(), ref_logits)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+    chosen = torch.zeros_like(grad, dtype=torch.bool).scatter_(1, ids.long(), True)
+    assert torch.all(grad[~chosen] == 0) and torch.all(grad[chosen] != 0)
