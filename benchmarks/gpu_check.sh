@@ -7,7 +7,9 @@
 #   bash benchmarks/gpu_check.sh --dry-run OUT_DIR    # anywhere: no build, CPU, quick benchmarks (CI runs it)
 #
 # Environment: PYTHON (default: python3), LLADA_CUDA_ARCHS (default 90a), MAX_JOBS (default 16),
-# LLADA_WHEELS (default .whl: where an nvidia-cutlass wheel is taken from when the package is missing).
+# LLADA_WHEELS (default .whl: where an nvidia-cutlass wheel is taken from when the package is missing),
+# LLADA_GPU_CHECK_SECONDS (default 540: the whole run's budget; a step gets what is left of it at most, and
+# a step with less than 10 s left is skipped and counted as failed, so the run fits a 10-minute lease).
 set -uo pipefail
 
 dry_run=0
@@ -19,10 +21,18 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 failures=0
 
+budget=${LLADA_GPU_CHECK_SECONDS:-540}
+
 step() {  # step NAME TIMEOUT_S COMMAND...: runs COMMAND with a time limit, logs it, records failure
   local name=$1 limit=$2; shift 2
-  local start=$SECONDS
+  local start=$SECONDS left=$((budget - SECONDS))
   echo "== $name"
+  if [[ $left -lt 10 ]]; then
+    echo "   skipped: the run's budget of $budget s is spent"
+    failures=$((failures + 1))
+    return 0
+  fi
+  [[ $left -lt $limit ]] && limit=$left
   timeout "$limit" "$@" >"$out/$name.log" 2>&1
   local rc=$?
   echo "   rc=$rc in $((SECONDS - start)) s (log: $out/$name.log)"
