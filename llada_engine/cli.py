@@ -1,7 +1,8 @@
 """The `llada-engine` command line.
 
     llada-engine info                          what the native extension was built with, what this machine has
-    llada-engine generate --model DIR PROMPT   block-diffusion generation, streamed, with a stats line last
+    llada-engine generate [--model DIR] PROMPT block-diffusion generation, streamed, with a stats line last
+                                               (without --model: the embedded default model)
     llada-engine train CONFIG [--resume]       a training run (llada_engine/training), see configs/
     llada-engine merge --run RUN --top-k K --out DIR   the mean of a run's K best checkpoints by validation loss
 """
@@ -96,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = commands.add_parser("generate", help="generate text from a LLaDA2.0 checkpoint")
     gen.add_argument("prompt", nargs="*", help="prompt text (several prompts are decoded as one batch)")
-    gen.add_argument("--model", required=True, help="checkpoint folder (config.json, safetensors, tokenizer.json)")
+    gen.add_argument("--model", default="default",
+                     help="checkpoint folder (config.json, safetensors, tokenizer.json); default: the embedded model")
     gen.add_argument("--prompts-file", help="a file with one prompt per line")
     gen.add_argument("--chat", action="store_true", help="wrap each prompt in the checkpoint's chat format")
     gen.add_argument("--gen-length", type=int, default=256)

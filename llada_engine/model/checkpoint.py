@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .config import LLaDA2Config
+from .default import resolve_checkpoint
 from .model import LLaDA2Model
 
 SINGLE_FILE = "model.safetensors"
@@ -91,8 +92,9 @@ def _unreadable(file: Path, error: Exception) -> ValueError:
 
 def load_model(path: Union[str, Path], *, dtype: Optional[torch.dtype] = None, device=None,
                backend: str = "kernels") -> LLaDA2Model:
-    """Loads an official LLaDA2.0 checkpoint (or one saved by save_pretrained) from the folder `path`."""
-    path = Path(path)
+    """Loads an official LLaDA2.0 checkpoint (or one saved by save_pretrained) from the folder `path`;
+    "default" loads the embedded default model."""
+    path = resolve_checkpoint(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint folder")
     config = LLaDA2Config.from_file(path / "config.json")

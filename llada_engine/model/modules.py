@@ -109,7 +109,7 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
         router_logits = F.linear(x.float(), self.gate.weight.float())                  # [T, E] fp32
         topk_ids, topk_weights = ops.moe_route(
-            router_logits, self.gate.expert_bias, top_k=self.top_k, n_group=self.n_group,
+            router_logits, self.gate.expert_bias.float(), top_k=self.top_k, n_group=self.n_group,
             topk_group=self.topk_group, routed_scaling_factor=self.routed_scaling_factor,
             norm_topk_prob=self.top_k > 1)                                             # [T, k], [T, k]
         y = ops.moe_experts(x, topk_ids, topk_weights, self.w13, self.w2)              # [T, H]

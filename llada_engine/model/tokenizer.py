@@ -4,10 +4,13 @@ from typing import Union
 
 
 def load_tokenizer(path: Union[str, Path]):
-    """A `tokenizers.Tokenizer` from `path` (a checkpoint folder holding tokenizer.json, or the file itself)."""
+    """A `tokenizers.Tokenizer` from `path` (a checkpoint folder holding tokenizer.json, or the file itself);
+    "default" is the embedded default model's."""
     from tokenizers import Tokenizer
 
-    path = Path(path)
+    from .default import resolve_checkpoint
+
+    path = resolve_checkpoint(path)
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no tokenizer.json")
