@@ -91,7 +91,7 @@ std::tuple<Tensor, Tensor, Tensor> commit_tokens_inplace(Tensor tokens, const Te
 
   if (tokens.is_cpu()) {
     if (p.batch > 0) {
-      const int32_t min_value = p.batch > 0 ? min_commit.min().item<int32_t>() : 0;
+      const int32_t min_value = min_commit.min().item<int32_t>();
       TORCH_CHECK_VALUE(min_value >= 0, "commit_tokens: min_commit must be >= 0, got ", min_value);
     }
     const llada::Status s = llada::commit_tokens_cpu(p);
