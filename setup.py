@@ -115,6 +115,19 @@ class BuildExtension(cpp_extension.BuildExtension):
         super().run()
 
 
+def shared_cxx_runtime() -> list[str]:
+    """The libstdc++ that torch runs on, to link by path (Linux). A compiler that links libstdc++ statically
+    by default (some images wrap g++ so) would give the extension a second copy of the C++ runtime, whose
+    iostreams break on torch's locale: c10 error messages lose their numbers or crash. Linking the shared
+    one first leaves the static archive nothing to resolve."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "/libstdc++.so" in line}
+    except OSError:
+        return []
+    return sorted(paths)[:1]
+
+
 def extension():
     kind = cpp_extension.CUDAExtension if WITH_CUDA else cpp_extension.CppExtension
     return kind(
@@ -125,7 +138,7 @@ def extension():
         extra_objects=[str(CORE_LIB)],
         depends=[str(CORE_LIB)],
         extra_compile_args={"cxx": ["-O3", "-g0"]},
-        extra_link_args=["-fopenmp", "-g0"],
+        extra_link_args=["-fopenmp", "-g0", *shared_cxx_runtime()],
     )
 
 

@@ -39,6 +39,9 @@ def flex_attention_fn(mask: str, lengths: list[int], device: str):
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     except ImportError:
         return None
+    # The timed backward replays one graph (retain_graph), which a compiled backward with donated buffers refuses.
+    import torch._functorch.config
+    torch._functorch.config.donated_buffer = False
     doc = torch.repeat_interleave(torch.arange(len(lengths), device=device), torch.tensor(lengths, device=device))
     start = torch.tensor([0] + lengths, device=device).cumsum(0)[:-1][doc]
     half = torch.tensor(lengths, device=device)[doc] // 2

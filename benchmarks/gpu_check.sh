@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check in one run, for a GPU machine without network (H100/H200, torch with CUDA, nvcc):
-# build the CUDA extension, run the GPU tests (then compute-sanitizer memcheck and racecheck on small
-# cases), run every benchmark on the GPU, and print a short table last. Logs and JSON go to OUT_DIR.
+# build the CUDA extension, run the GPU tests, run every benchmark on the GPU (then compute-sanitizer memcheck
+# and racecheck on small cases), and print a short table last. Logs and JSON go to OUT_DIR.
 #
 #   bash benchmarks/gpu_check.sh OUT_DIR              # on the GPU machine (under 8 minutes on an H100)
 #   bash benchmarks/gpu_check.sh --dry-run OUT_DIR    # anywhere: no build, CPU, quick benchmarks (CI runs it)
@@ -46,7 +46,7 @@ declare -A gpu_args=(
   [commit_tokens]="--device cuda"
   [block_attention]="--device cuda --dtype bfloat16 --tokens 4096 16384"
   [moe]="--device cuda"
-  [decode]="--device cuda --batch 1 16"
+  [decode]="--device cuda --shape small --batch 1 16 --gen-length 128"
 )
 if [[ $dry_run -eq 1 ]]; then
   step gpu-tests 600 "$PYTHON" -m pytest -q -m gpu tests
@@ -62,16 +62,20 @@ else
   export PATH="$CUDA_HOME/bin:$PATH"
   step build 420 "$PYTHON" setup.py build_ext --inplace
   "$PYTHON" -c "import torch, llada_engine; print(llada_engine.build_info())" | tee "$out/build_info.txt"
-  step gpu-tests 300 "$PYTHON" -m pytest -q -m gpu tests
-  # Every op once on small inputs (the opcheck samples) under memcheck; one small case of each under racecheck.
-  step memcheck 240 compute-sanitizer --tool memcheck --error-exitcode 1 \
-    "$PYTHON" -m pytest -q -m gpu -x tests/ops/test_opcheck.py
-  step racecheck 180 compute-sanitizer --tool racecheck --error-exitcode 1 \
-    "$PYTHON" -m pytest -q -m gpu -x tests/ops/test_opcheck.py -k "commit_tokens- or block_attention_fwd or moe_permute or moe_grouped_gemm-"
+  # pytest-xdist, where present, runs a crashing test in a worker of its own: the other tests still report.
+  xdist=()
+  "$PYTHON" -c "import xdist" 2>/dev/null && xdist=(-n 8)
+  step gpu-tests 300 "$PYTHON" -m pytest -q -rf -m gpu "${xdist[@]}" tests
   for b in "${benchmarks[@]}"; do
     # shellcheck disable=SC2086
     step "bench-$b" 240 "$PYTHON" -m "benchmarks.$b" ${gpu_args[$b]}
   done
+  # Sanitizers last, the slowest steps, so a short budget cuts them first. Every op once on small inputs
+  # (the opcheck samples) under memcheck; one small case of each under racecheck.
+  step memcheck 240 compute-sanitizer --tool memcheck --error-exitcode 1 \
+    "$PYTHON" -m pytest -q -m gpu -x tests/ops/test_opcheck.py
+  step racecheck 180 compute-sanitizer --tool racecheck --error-exitcode 1 \
+    "$PYTHON" -m pytest -q -m gpu -x tests/ops/test_opcheck.py -k "commit_tokens- or block_attention_fwd or moe_permute or moe_grouped_gemm-"
 fi
 
 for b in "${benchmarks[@]}"; do

@@ -1,12 +1,15 @@
 // Bindings of the block-attention family (csrc/attention): validate the tensors (shapes, dtypes,
 // devices, cu_seqlens, mask arguments), fill llada::BlockAttention*Params and call the kernels: CPU for
-// every op, CUDA for the forward. cu_seqlens on a GPU are copied to the host once to be validated.
+// every op, CUDA for the forward and the decode form (the latter through the forward kernel). cu_seqlens and
+// cache_seqlens on a GPU are copied to the host once to be validated.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "llada/attention.h"
 
@@ -204,70 +207,114 @@ std::tuple<Tensor, Tensor, Tensor> block_attention_bwd(
   return {dq, dk, dv};
 }
 
-std::tuple<Tensor, Tensor> block_attention_decode(const Tensor& q_in, const Tensor& k_cache_in,
-                                                  const Tensor& v_cache_in, const Tensor& cache_seqlens,
-                                                  const Tensor& k_new_in, const Tensor& v_new_in,
-                                                  double softmax_scale) {
+// Checks the arguments of the decode form (everything but the values of cache_seqlens, which may be on a GPU).
+void check_decode_args(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& cache_seqlens,
+                       const Tensor& k_new, const Tensor& v_new, double softmax_scale) {
   const char* op = "block_attention_decode";
-  TORCH_CHECK_VALUE(q_in.dim() == 4, op, ": q must be [B, Lb, Hq, D], got shape ", q_in.sizes());
-  TORCH_CHECK_VALUE(k_cache_in.dim() == 4, op, ": k_cache must be [B, Smax, Hkv, D], got shape ", k_cache_in.sizes());
-  TORCH_CHECK_VALUE(v_cache_in.sizes() == k_cache_in.sizes(), op, ": v_cache must have the shape of k_cache ",
-                    k_cache_in.sizes(), ", got ", v_cache_in.sizes());
-  const int64_t B = q_in.size(0), Lb = q_in.size(1), Hq = q_in.size(2), D = q_in.size(3);
-  const int64_t Smax = k_cache_in.size(1), Hkv = k_cache_in.size(2);
-  TORCH_CHECK_VALUE(k_cache_in.size(0) == B && k_cache_in.size(3) == D, op, ": k_cache must be [B, Smax, Hkv, D] with B = ",
-                    B, " and D = ", D, " as in q, got shape ", k_cache_in.sizes());
-  TORCH_CHECK_VALUE(k_new_in.dim() == 4 && k_new_in.size(0) == B && k_new_in.size(1) == Lb && k_new_in.size(2) == Hkv &&
-                        k_new_in.size(3) == D,
+  TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must be [B, Lb, Hq, D], got shape ", q.sizes());
+  TORCH_CHECK_VALUE(k_cache.dim() == 4, op, ": k_cache must be [B, Smax, Hkv, D], got shape ", k_cache.sizes());
+  TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have the shape of k_cache ",
+                    k_cache.sizes(), ", got ", v_cache.sizes());
+  const int64_t B = q.size(0), Lb = q.size(1), Hq = q.size(2), D = q.size(3), Hkv = k_cache.size(2);
+  TORCH_CHECK_VALUE(k_cache.size(0) == B && k_cache.size(3) == D, op, ": k_cache must be [B, Smax, Hkv, D] with B = ",
+                    B, " and D = ", D, " as in q, got shape ", k_cache.sizes());
+  TORCH_CHECK_VALUE(k_new.dim() == 4 && k_new.size(0) == B && k_new.size(1) == Lb && k_new.size(2) == Hkv &&
+                        k_new.size(3) == D,
                     op, ": k_new must be [B, Lb, Hkv, D] = [", B, ", ", Lb, ", ", Hkv, ", ", D, "], got shape ",
-                    k_new_in.sizes());
-  TORCH_CHECK_VALUE(v_new_in.sizes() == k_new_in.sizes(), op, ": v_new must have the shape of k_new ", k_new_in.sizes(),
-                    ", got ", v_new_in.sizes());
+                    k_new.sizes());
+  TORCH_CHECK_VALUE(v_new.sizes() == k_new.sizes(), op, ": v_new must have the shape of k_new ", k_new.sizes(),
+                    ", got ", v_new.sizes());
   TORCH_CHECK_VALUE(Hkv >= 1 && D >= 1 && Hq % Hkv == 0, op, ": the heads of q (", Hq,
                     ") must be a multiple of the heads of k_cache (", Hkv, ")");
   TORCH_CHECK_TYPE(cache_seqlens.scalar_type() == at::kInt, op, ": cache_seqlens must be int32, got ",
                    cache_seqlens.scalar_type());
   TORCH_CHECK_VALUE(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B, op, ": cache_seqlens must be [B] = [", B,
                     "], got shape ", cache_seqlens.sizes());
-  check_same_device(op, {{"q", &q_in}, {"k_cache", &k_cache_in}, {"v_cache", &v_cache_in},
-                         {"cache_seqlens", &cache_seqlens}, {"k_new", &k_new_in}, {"v_new", &v_new_in}});
-  TORCH_CHECK_VALUE(q_in.is_cpu(), op, ": the decode form runs on the CPU only so far; q is on ", q_in.device());
-  const llada::DType dtype = attention_dtype(q_in, op, "q");
-  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"k_cache", &k_cache_in}, {"v_cache", &v_cache_in},
-                                {"k_new", &k_new_in}, {"v_new", &v_new_in}})
-    TORCH_CHECK_TYPE(t->scalar_type() == q_in.scalar_type(), op, ": ", name, " must have the dtype of q (",
-                     q_in.scalar_type(), "), got ", t->scalar_type());
+  check_same_device(op, {{"q", &q}, {"k_cache", &k_cache}, {"v_cache", &v_cache}, {"cache_seqlens", &cache_seqlens},
+                         {"k_new", &k_new}, {"v_new", &v_new}});
+  attention_dtype(q, op, "q");
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"k_cache", &k_cache}, {"v_cache", &v_cache},
+                                {"k_new", &k_new}, {"v_new", &v_new}})
+    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), op, ": ", name, " must have the dtype of q (",
+                     q.scalar_type(), "), got ", t->scalar_type());
+  TORCH_CHECK_VALUE(!q.is_cuda() || D == 64 || D == 128, op, ": the head dim of q must be 64 or 128 on CUDA, got ", D);
   TORCH_CHECK_VALUE(std::isfinite(softmax_scale), op, ": softmax_scale must be finite, got ", softmax_scale);
-  const Tensor lens = cache_seqlens.contiguous();
-  const int32_t* l = lens.data_ptr<int32_t>();
-  for (int64_t b = 0; b < B; ++b)
-    TORCH_CHECK_VALUE(l[b] >= 0 && l[b] <= Smax, op, ": cache_seqlens[", b, "] = ", l[b], " is outside [0, Smax = ",
-                      Smax, "]");
+}
 
+// cache_seqlens on the host, each checked to lie in [0, Smax].
+Tensor checked_cache_seqlens(const Tensor& cache_seqlens, int64_t Smax) {
+  const Tensor lens = cache_seqlens.cpu().contiguous();
+  const int32_t* l = lens.data_ptr<int32_t>();
+  for (int64_t b = 0; b < lens.size(0); ++b)
+    TORCH_CHECK_VALUE(l[b] >= 0 && l[b] <= Smax, "block_attention_decode: cache_seqlens[", b, "] = ", l[b],
+                      " is outside [0, Smax = ", Smax, "]");
+  return lens;
+}
+
+std::tuple<Tensor, Tensor> block_attention_decode(const Tensor& q_in, const Tensor& k_cache_in,
+                                                  const Tensor& v_cache_in, const Tensor& cache_seqlens,
+                                                  const Tensor& k_new_in, const Tensor& v_new_in,
+                                                  double softmax_scale) {
+  check_decode_args(q_in, k_cache_in, v_cache_in, cache_seqlens, k_new_in, v_new_in, softmax_scale);
+  const Tensor lens = checked_cache_seqlens(cache_seqlens, k_cache_in.size(1));
   const Tensor q = q_in.contiguous(), k_cache = k_cache_in.contiguous(), v_cache = v_cache_in.contiguous();
   const Tensor k_new = k_new_in.contiguous(), v_new = v_new_in.contiguous();
   Tensor out = at::empty(q.sizes(), q.options());
-  Tensor lse = at::empty({B, Lb, Hq}, q.options().dtype(at::kFloat));
+  Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   llada::BlockAttentionDecodeParams p;
   p.q = q.data_ptr();
   p.k_cache = k_cache.data_ptr();
   p.v_cache = v_cache.data_ptr();
-  p.cache_seqlens = l;
+  p.cache_seqlens = lens.data_ptr<int32_t>();
   p.k_new = k_new.data_ptr();
   p.v_new = v_new.data_ptr();
-  p.dtype = dtype;
-  p.batch = B;
-  p.block = Lb;
-  p.cache_capacity = Smax;
-  p.heads_q = Hq;
-  p.heads_kv = Hkv;
-  p.head_dim = D;
+  p.dtype = attention_dtype(q, "block_attention_decode", "q");
+  p.batch = q.size(0);
+  p.block = q.size(1);
+  p.cache_capacity = k_cache.size(1);
+  p.heads_q = q.size(2);
+  p.heads_kv = k_cache.size(2);
+  p.head_dim = q.size(3);
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  check_status(llada::block_attention_decode_cpu(p), op);
+  check_status(llada::block_attention_decode_cpu(p), "block_attention_decode");
   return {out, lse};
 }
+
+#ifdef LLADA_WITH_CUDA
+// The decode form on CUDA runs the forward kernel over one packed copy of what each sequence sees: its
+// cached keys, then the block's own keys, in one document whose single block (block_size = its length)
+// leaves the block unmasked. The copy is one extra pass over the used part of the cache.
+std::tuple<Tensor, Tensor> block_attention_decode_cuda(const Tensor& q, const Tensor& k_cache,
+                                                       const Tensor& v_cache, const Tensor& cache_seqlens,
+                                                       const Tensor& k_new, const Tensor& v_new,
+                                                       double softmax_scale) {
+  check_decode_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale);
+  const Tensor lens = checked_cache_seqlens(cache_seqlens, k_cache.size(1));
+  const int64_t B = q.size(0), Lb = q.size(1), Hq = q.size(2), D = q.size(3);
+  if (B == 0 || Lb == 0)
+    return {at::empty(q.sizes(), q.options()), at::empty({B, Lb, Hq}, q.options().dtype(at::kFloat))};
+  const int32_t* l = lens.data_ptr<int32_t>();
+  std::vector<Tensor> keys, values;  // per sequence: cache rows [l_b, Hkv, D], then new rows [Lb, Hkv, D]
+  std::vector<int32_t> cu_k(B + 1, 0);
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    keys.push_back(k_cache[b].narrow(0, 0, l[b]));
+    keys.push_back(k_new[b]);
+    values.push_back(v_cache[b].narrow(0, 0, l[b]));
+    values.push_back(v_new[b]);
+    cu_k[b + 1] = cu_k[b] + l[b] + static_cast<int32_t>(Lb);
+    longest = std::max<int64_t>(longest, l[b] + Lb);
+  }
+  const auto int32_on_device = at::TensorOptions().dtype(at::kInt).device(q.device());
+  const Tensor cu_seqlens_k = at::tensor(cu_k, at::TensorOptions().dtype(at::kInt)).to(q.device());
+  const Tensor cu_seqlens_q = at::arange(0, (B + 1) * Lb, Lb, int32_on_device);
+  auto [out, lse] = block_attention_fwd(q.reshape({B * Lb, Hq, D}), at::cat(keys), at::cat(values), cu_seqlens_q,
+                                        cu_seqlens_k, Lb, longest, longest, "block_causal", softmax_scale);
+  return {out.view({B, Lb, Hq, D}), lse.view({B, Lb, Hq})};
+}
+#endif
 
 }  // namespace
 
@@ -280,5 +327,6 @@ TORCH_LIBRARY_IMPL(llada, CPU, m) {
 #ifdef LLADA_WITH_CUDA
 TORCH_LIBRARY_IMPL(llada, CUDA, m) {
   m.impl("block_attention_fwd", &block_attention_fwd);
+  m.impl("block_attention_decode", &block_attention_decode_cuda);
 }
 #endif

@@ -103,6 +103,9 @@ std::tuple<Tensor, Tensor, Tensor> commit_tokens_inplace(Tensor tokens, const Te
     TORCH_CHECK_VALUE(p.vocab < (int64_t{1} << 24), "commit_tokens: logits vocabulary must be below 2^24 on CUDA, got ",
                       p.vocab);
     const c10::cuda::CUDAGuard guard(tokens.device());
+    const Tensor workspace =
+        at::empty({llada::commit_tokens_cuda_workspace_bytes(p)}, tokens.options().dtype(at::kByte));
+    p.workspace = workspace.numel() > 0 ? workspace.data_ptr() : nullptr;
     const llada::Status s = llada::commit_tokens_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(s == llada::Status::kOk, "commit_tokens: ", llada::status_string(s));
 #else

@@ -2,13 +2,16 @@
 // allocation, so a decoding step that calls them can be captured in a CUDA graph.
 //
 // Two launches on the caller's stream:
-//   1. propose: one thread block per row of logits (B*L rows), writing candidates[row] and
-//      confidence[row]. Greedy rows take one pass over V with 16-byte loads and an online
-//      max / sum-exp / argmax reduced through warp shuffles. Sampled rows take a few passes (the row
+//   1. propose: thread blocks over the rows of logits (B*L rows), writing candidates[row] and
+//      confidence[row]. Greedy rows take one pass over V with 16-byte loads, four in flight per thread,
+//      and an online max / sum-exp / argmax reduced through warp shuffles; when there are few rows, each
+//      row is cut into chunks (sampling/greedy_split.h) whose partial states the commit kernel merges.
+//      Sampled rows take one block per row and a few passes (the row
 //      stays in L2): max, radix select of the top-k cut, radix select of the top-p cut on
 //      fixed-point masses, then an inverse-CDF draw in vocabulary order, all in integer arithmetic
 //      where a decision is made, so that the draw does not depend on the block size or on timing.
-//   2. commit: one thread block per sequence applies the shared commit rule (sampling/commit_rule.h).
+//   2. commit: one thread block per sequence (merges the chunks of its rows first, when split) applies the
+//      shared commit rule (sampling/commit_rule.h).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -22,6 +25,7 @@
 #include "common/philox.h"
 #include "llada/sampling.h"
 #include "sampling/commit_rule.h"
+#include "sampling/greedy_split.h"
 
 namespace llada {
 namespace {
@@ -55,6 +59,33 @@ __device__ __forceinline__ void state_push(SoftmaxState& s, float x, int32_t i) 
     s.sum += exp2f((x - s.max) * kLog2e);
   }
   s.nan |= (x != x);
+}
+
+// Pushes N consecutive entries, the first at index i0: one rescale per vector and N independent exps.
+template <int N>
+__device__ __forceinline__ void state_push_vec(SoftmaxState& s, const float (&x)[N], int32_t i0) {
+  float m = x[0];
+  int32_t a = 0;
+  bool nan = x[0] != x[0];
+#pragma unroll
+  for (int j = 1; j < N; ++j) {
+    if (x[j] > m) {
+      m = x[j];
+      a = j;
+    }
+    nan |= x[j] != x[j];
+  }
+  s.nan |= nan;
+  if (m > s.max) {
+    s.sum = s.max == -INFINITY ? 0.0f : s.sum * exp2f((s.max - m) * kLog2e);
+    s.max = m;
+    s.arg = i0 + a;
+  }
+  if (s.max == -INFINITY) return;
+  float add = 0.0f;
+#pragma unroll
+  for (int j = 0; j < N; ++j) add += exp2f((x[j] - s.max) * kLog2e);
+  s.sum += add;
 }
 
 __device__ __forceinline__ SoftmaxState state_merge(SoftmaxState a, SoftmaxState b) {
@@ -122,19 +153,60 @@ __device__ __forceinline__ void write_row(const CommitTokensParams& p, int64_t r
   p.confidence[row] = p.tokens[row] == p.mask_id ? confidence : -INFINITY;
 }
 
+__device__ __forceinline__ void write_state(const CommitTokensParams& p, int64_t row, const SoftmaxState& s) {
+  const bool invalid = s.nan || !isfinite(s.max);
+  write_row(p, row, invalid ? 0 : s.arg, invalid ? NAN : 1.0f / s.sum);
+}
+
+// Pushes row[begin, end) into this thread's state: 16-byte loads for the aligned body, kUnroll of them
+// issued before the first is used.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) propose_greedy_kernel(CommitTokensParams p) {
+__device__ __forceinline__ void greedy_scan(const T* row, int32_t begin, int32_t end, SoftmaxState& s) {
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kUnroll = 4;
+  const uintptr_t addr = reinterpret_cast<uintptr_t>(row + begin);
+  int32_t head = static_cast<int32_t>(((16 - addr % 16) % 16) / sizeof(T));
+  head = head < end - begin ? head : end - begin;
+  for (int32_t i = begin + threadIdx.x; i < begin + head; i += kThreads) state_push(s, to_float(row[i]), i);
+  const int32_t body_begin = begin + head;
+  const int32_t n_vec = (end - body_begin) / kVec;
+  const uint4* body = reinterpret_cast<const uint4*>(row + body_begin);
+  const auto push = [&](const uint4& raw, int32_t v) {
+    const T* e = reinterpret_cast<const T*>(&raw);
+    float x[kVec];
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) x[j] = to_float(e[j]);
+    state_push_vec(s, x, body_begin + v * kVec);
+  };
+  int32_t v = threadIdx.x;
+  for (; v + (kUnroll - 1) * kThreads < n_vec; v += kUnroll * kThreads) {
+    uint4 raw[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) raw[u] = body[v + u * kThreads];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) push(raw[u], v + u * kThreads);
+  }
+  for (; v < n_vec; v += kThreads) push(body[v], v);
+  for (int32_t i = body_begin + n_vec * kVec + threadIdx.x; i < end; i += kThreads) state_push(s, to_float(row[i]), i);
+}
+
+// Grid (rows, splits): block (row, c) scans chunk c of the row. With one chunk it writes the row's
+// proposal; otherwise its partial state goes to workspace[row * splits + c] for the commit kernel.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) propose_greedy_kernel(CommitTokensParams p, int32_t splits,
+                                                                   int32_t chunk) {
   __shared__ SoftmaxState smem[kWarps];
   const int64_t row = blockIdx.x;
   const int32_t V = static_cast<int32_t>(p.vocab);
+  const int32_t begin = static_cast<int32_t>(blockIdx.y) * chunk;
+  const int32_t end = V - begin < chunk ? V : begin + chunk;
   const T* logits = static_cast<const T*>(p.logits) + row * p.vocab;
   SoftmaxState s = state_empty();
-  for_each_in_row(logits, V, [&](float x, int32_t i) { state_push(s, x, i); });
+  greedy_scan(logits, begin, end, s);
   s = block_merge(s, smem);
-  if (threadIdx.x == 0) {
-    const bool invalid = s.nan || !isfinite(s.max);
-    write_row(p, row, invalid ? 0 : s.arg, invalid ? NAN : 1.0f / s.sum);
-  }
+  if (threadIdx.x != 0) return;
+  if (splits == 1) write_state(p, row, s);
+  else static_cast<SoftmaxState*>(p.workspace)[row * splits + blockIdx.y] = s;
 }
 
 // Fixed-point mass of a probability-like weight in [0, 1]; sums over any vocabulary below 2^24
@@ -325,9 +397,19 @@ __global__ void __launch_bounds__(kThreads) propose_sampled_kernel(CommitTokensP
   }
 }
 
-__global__ void commit_kernel(CommitTokensParams p) {
+__global__ void commit_kernel(CommitTokensParams p, int32_t splits) {
   const int64_t b = blockIdx.x;
   const int64_t L = p.block;
+  if (splits > 1) {
+    const SoftmaxState* parts = static_cast<const SoftmaxState*>(p.workspace);
+    for (int64_t i = threadIdx.x; i < L; i += blockDim.x) {
+      const int64_t row = b * L + i;
+      SoftmaxState s = parts[row * splits];
+      for (int32_t c = 1; c < splits; ++c) s = state_merge(s, parts[row * splits + c]);
+      write_state(p, row, s);
+    }
+    __syncthreads();
+  }
   const float* conf = p.confidence + b * L;
   const CommitCounts counts = commit_counts(conf, L, p.threshold);
   for (int64_t i = threadIdx.x; i < L; i += blockDim.x) {
@@ -337,28 +419,46 @@ __global__ void commit_kernel(CommitTokensParams p) {
   }
 }
 
+bool is_greedy(const CommitTokensParams& p) {
+  return p.temperature == 0.0f && (p.top_k <= 0 || p.top_k >= p.vocab) && p.top_p >= 1.0f;
+}
+
+int32_t propose_splits(const CommitTokensParams& p) {
+  return is_greedy(p) ? static_cast<int32_t>(greedy_splits(p.batch * p.block, p.vocab)) : 1;
+}
+
 template <typename T>
-void launch_propose(const CommitTokensParams& p, bool greedy, cudaStream_t stream) {
-  const unsigned grid = static_cast<unsigned>(p.batch * p.block);
-  if (greedy) propose_greedy_kernel<T><<<grid, kThreads, 0, stream>>>(p);
-  else propose_sampled_kernel<T><<<grid, kThreads, 0, stream>>>(p);
+void launch_propose(const CommitTokensParams& p, int32_t splits, cudaStream_t stream) {
+  const unsigned rows = static_cast<unsigned>(p.batch * p.block);
+  if (is_greedy(p)) {
+    const dim3 grid(rows, static_cast<unsigned>(splits));
+    const int32_t chunk = static_cast<int32_t>(greedy_chunk(p.vocab, splits));
+    propose_greedy_kernel<T><<<grid, kThreads, 0, stream>>>(p, splits, chunk);
+  } else {
+    propose_sampled_kernel<T><<<rows, kThreads, 0, stream>>>(p);
+  }
 }
 
 }  // namespace
 
+int64_t commit_tokens_cuda_workspace_bytes(const CommitTokensParams& p) {
+  const int32_t splits = propose_splits(p);
+  return splits > 1 ? p.batch * p.block * splits * static_cast<int64_t>(sizeof(SoftmaxState)) : 0;
+}
+
 Status commit_tokens_cuda(const CommitTokensParams& p, cudaStream_t stream) {
   if (p.batch == 0 || p.block == 0) return Status::kOk;
   if (p.vocab >= (int64_t{1} << 24)) return Status::kBadArgument;
-  const bool greedy =
-      p.temperature == 0.0f && (p.top_k <= 0 || p.top_k >= p.vocab) && p.top_p >= 1.0f;
+  const int32_t splits = propose_splits(p);
+  if (splits > 1 && p.workspace == nullptr) return Status::kBadArgument;
   switch (p.logits_dtype) {
-    case DType::kFloat32: launch_propose<float>(p, greedy, stream); break;
-    case DType::kBFloat16: launch_propose<__nv_bfloat16>(p, greedy, stream); break;
-    case DType::kFloat16: launch_propose<__half>(p, greedy, stream); break;
+    case DType::kFloat32: launch_propose<float>(p, splits, stream); break;
+    case DType::kBFloat16: launch_propose<__nv_bfloat16>(p, splits, stream); break;
+    case DType::kFloat16: launch_propose<__half>(p, splits, stream); break;
   }
   LLADA_RETURN_IF_CUDA_ERROR(cudaGetLastError());
   const int threads = p.block >= 1024 ? 1024 : static_cast<int>((p.block + 31) / 32 * 32);
-  commit_kernel<<<static_cast<unsigned>(p.batch), threads, 0, stream>>>(p);
+  commit_kernel<<<static_cast<unsigned>(p.batch), threads, 0, stream>>>(p, splits);
   LLADA_RETURN_LAUNCH_STATUS();
 }
 

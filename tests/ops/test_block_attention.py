@@ -1,8 +1,8 @@
 """block_attention against its dense-mask reference on every device: both masks, packed documents of
 lengths 1, 7, 32, 33 and 1000, block sizes 1, 4, 32 and >= length, GQA 16/4 and 4/4, D 64 and 128; fp32
 to 1e-5, bf16 within 2x the reference's own bf16 error; gradients against the reference's autograd; the
-decode form against the full recompute; bad input rejected by name. The CUDA kernel is the forward
-(bf16/fp16, D 64/128): the backward and decode tests and fp32 run on the CPU."""
+decode form against the full recompute; bad input rejected by name. On CUDA (bf16/fp16, D 64/128) the
+forward and the decode form run; the backward and fp32 run on the CPU."""
 import pytest
 import torch
 
@@ -171,8 +171,12 @@ def test_gradients_bf16_within_twice_reference_error(device, mask):
         assert_close_to_reference(o, r, l, name=name)
 
 
-@pytest.mark.parametrize("device", CPU)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+DECODE_CASES = [("cpu", torch.float32), ("cpu", torch.bfloat16),
+                pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu),
+                pytest.param("cuda", torch.float16, marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device,dtype", DECODE_CASES)
 @pytest.mark.parametrize("Lb", [1, 4, 32])
 def test_decode_equals_full_recompute(device, dtype, Lb):
     B, hq, hkv, D, blocks_max = 4, 16, 4, 64, 5
@@ -207,17 +211,20 @@ def test_decode_equals_full_recompute(device, dtype, Lb):
     assert_close_to_reference(lse, ref_lse, atol=1e-4, name="lse")
 
 
-@pytest.mark.parametrize("device", CPU)
-def test_decode_partial_cache_against_reference(device):
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.float32), pytest.param("cuda", torch.bfloat16,
+                                                                               marks=pytest.mark.gpu)])
+def test_decode_partial_cache_against_reference(device, dtype):
     B, Lb, hq, hkv, D, smax = 3, 7, 4, 1, 128, 50
     g = torch.Generator().manual_seed(10)
-    q = torch.randn(B, Lb, hq, D, generator=g).to(device)
-    k_cache, v_cache = (torch.randn(B, smax, hkv, D, generator=g).to(device) for _ in range(2))
-    k_new, v_new = (torch.randn(B, Lb, hkv, D, generator=g).to(device) for _ in range(2))
+    q = torch.randn(B, Lb, hq, D, generator=g).to(device, dtype)
+    k_cache, v_cache = (torch.randn(B, smax, hkv, D, generator=g).to(device, dtype) for _ in range(2))
+    k_new, v_new = (torch.randn(B, Lb, hkv, D, generator=g).to(device, dtype) for _ in range(2))
     cache_seqlens = torch.tensor([13, 0, 50], dtype=torch.int32, device=device)
     out = block_attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale=0.2)
-    ref = block_attention_decode_ref(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale=0.2)
-    assert_close_to_reference(out, ref, atol=1e-5)
+    ref = block_attention_decode_ref(q.float(), k_cache.float(), v_cache.float(), cache_seqlens, k_new.float(),
+                                     v_new.float(), softmax_scale=0.2)
+    ref_lowp = block_attention_decode_ref(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale=0.2)
+    assert_close_to_reference(out, ref, ref_lowp if dtype != torch.float32 else None, atol=1e-5)
 
 
 @pytest.mark.gpu
@@ -339,7 +346,7 @@ def test_decode_bad_arguments_are_named(change, match):
 
 def opcheck_samples(device):
     """(args, kwargs) samples for torch.library.opcheck of the llada::block_attention_* ops (on CUDA the
-    forward only, in bf16/fp16 with D 64: the other ops have no CUDA kernel yet)."""
+    forward and the decode form, in bf16/fp16 with D 64: the backward has no CUDA kernel yet)."""
     samples = {"block_attention_fwd": [], "block_attention_bwd": [], "block_attention_decode": []}
     cuda = device.startswith("cuda")
     cases = (("bd3", torch.float16 if cuda else torch.float32, [6, 0, 10]),
@@ -357,11 +364,11 @@ def opcheck_samples(device):
         dout = torch.randn_like(out)
         dlse = torch.randn_like(lse) if mask == "bd3" else None
         samples["block_attention_bwd"].append(((dout, q, k, v, out, lse, dlse, cu_q, cu_k, mq, mk), kw))
-    if not cuda:
-        g = torch.Generator().manual_seed(14)
-        decode = [torch.randn(*shape, generator=g).to(device) for shape in
-                  ((2, 3, 4, 16), (2, 8, 2, 16), (2, 8, 2, 16), (2, 3, 2, 16), (2, 3, 2, 16))]
-        lens = torch.tensor([5, 0], dtype=torch.int32, device=device)
-        samples["block_attention_decode"].append(((decode[0], decode[1], decode[2], lens, decode[3], decode[4]),
-                                                  dict(softmax_scale=0.25)))
+    g = torch.Generator().manual_seed(14)
+    d, dtype = (64, torch.bfloat16) if cuda else (16, torch.float32)
+    decode = [torch.randn(*shape, generator=g).to(device, dtype) for shape in
+              ((2, 3, 4, d), (2, 8, 2, d), (2, 8, 2, d), (2, 3, 2, d), (2, 3, 2, d))]
+    lens = torch.tensor([5, 0], dtype=torch.int32, device=device)
+    samples["block_attention_decode"].append(((decode[0], decode[1], decode[2], lens, decode[3], decode[4]),
+                                              dict(softmax_scale=0.25)))
     return samples

@@ -25,12 +25,14 @@ def assert_same(out, ref, conf_tol=1e-6):
     assert torch.equal(out.tokens, ref.tokens)
     finite = torch.isfinite(ref.confidence)
     assert torch.equal(finite, torch.isfinite(out.confidence))
-    assert (out.confidence[finite] - ref.confidence[finite]).abs().max().item() <= conf_tol if finite.any() else True
+    # fp32 sums over V terms in different orders: a relative 1e-5 on large vocabularies.
+    torch.testing.assert_close(out.confidence[finite], ref.confidence[finite], rtol=1e-5, atol=conf_tol)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("B,L,V", [(1, 1, 1), (1, 32, 7), (3, 32, 1001), (2, 5, 4099), (64, 4, 257)])
+@pytest.mark.parametrize("B,L,V", [(1, 1, 1), (1, 32, 7), (3, 32, 1001), (2, 5, 4099), (64, 4, 257),
+                                   (1, 3, 40009), (1, 32, 157184)])  # the last two split rows on CUDA
 def test_greedy_matches_reference(device, dtype, B, L, V):
     tokens, logits, mask_id = make_block(B, L, V, device=device, dtype=dtype, seed=B * 1000 + V)
     for min_commit in (0, 1, 3, L + 5):
@@ -149,9 +151,10 @@ def test_sampled_distribution_is_the_filtered_softmax(device, sampling, keep):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_nan_raises(device):
-    tokens, logits, mask_id = make_block(2, 8, 100, device=device, seed=7)
-    logits[1, 3, 17] = float("nan")
+@pytest.mark.parametrize("V", [100, 40009])
+def test_nan_raises(device, V):
+    tokens, logits, mask_id = make_block(2, 8, V, device=device, seed=7)
+    logits[1, 3, V - 17] = float("nan")
     before = tokens.clone()
     with pytest.raises(ValueError, match="NaN"):
         commit_tokens(tokens, logits, mask_id=mask_id, threshold=0.5, min_commit=1)
@@ -163,9 +166,11 @@ def test_nan_raises(device):
         commit_tokens_ref(tokens, logits, mask_id=mask_id, threshold=0.5, min_commit=1)
 
 
-def test_negative_infinity_logits_are_fine():
-    tokens, logits, mask_id = make_block(2, 8, 100, device="cpu", seed=8)
-    logits[:, :, :60] = float("-inf")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("V", [100, 40009])
+def test_negative_infinity_logits_are_fine(device, V):
+    tokens, logits, mask_id = make_block(2, 8, V, device=device, seed=8)
+    logits[:, :, :V * 3 // 5] = float("-inf")
     kw = dict(mask_id=mask_id, threshold=0.5, min_commit=1)
     assert_same(commit_tokens(tokens, logits, **kw), commit_tokens_ref(tokens, logits, **kw))
 

@@ -38,6 +38,7 @@ struct CommitTokensParams {
   float top_p = 1.0f;                   // 1: off
   uint64_t seed = 0;                    // Philox key
   uint64_t offset = 0;                  // Philox counter offset
+  void* workspace = nullptr;            // CUDA only: commit_tokens_cuda_workspace_bytes(p) bytes of device memory
 };
 
 // C++ CPU kernel (OpenMP over rows). Returns kNanInput if a row of logits holds a NaN; the outputs
@@ -47,7 +48,9 @@ Status commit_tokens_cpu(const CommitTokensParams& p);
 #ifdef LLADA_WITH_CUDA
 // CUDA kernels, asynchronous on `stream`, no host synchronisation, capturable in a CUDA graph.
 // A row of logits holding a NaN gets a NaN confidence at its masked positions and is never committed.
+// p.workspace must hold commit_tokens_cuda_workspace_bytes(p) bytes (null when that is 0).
 Status commit_tokens_cuda(const CommitTokensParams& p, cudaStream_t stream);
+int64_t commit_tokens_cuda_workspace_bytes(const CommitTokensParams& p);
 #endif
 
 }  // namespace llada
