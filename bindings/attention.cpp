@@ -1,7 +1,7 @@
 // Bindings of the block-attention family (csrc/attention): validate the tensors (shapes, dtypes,
 // devices, cu_seqlens, mask arguments), fill llada::BlockAttention*Params and call the kernels: CPU for
-// every op, CUDA for the forward and the decode form (the latter through the forward kernel). cu_seqlens and
-// cache_seqlens on a GPU are copied to the host once to be validated.
+// every op, CUDA for the forward and the decode form. cu_seqlens and cache_seqlens on a GPU are copied to
+// the host once to be validated.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -9,7 +9,6 @@
 #include <cmath>
 #include <string>
 #include <tuple>
-#include <vector>
 
 #include "llada/attention.h"
 
@@ -251,21 +250,21 @@ Tensor checked_cache_seqlens(const Tensor& cache_seqlens, int64_t Smax) {
   return lens;
 }
 
-std::tuple<Tensor, Tensor> block_attention_decode(const Tensor& q_in, const Tensor& k_cache_in,
-                                                  const Tensor& v_cache_in, const Tensor& cache_seqlens,
-                                                  const Tensor& k_new_in, const Tensor& v_new_in,
-                                                  double softmax_scale) {
-  check_decode_args(q_in, k_cache_in, v_cache_in, cache_seqlens, k_new_in, v_new_in, softmax_scale);
-  const Tensor lens = checked_cache_seqlens(cache_seqlens, k_cache_in.size(1));
+// Runs the decode form on contiguous copies of the inputs; `lens` is cache_seqlens where the kernel reads
+// it (host memory for the CPU kernel, the device for CUDA).
+template <class Kernel>
+std::tuple<Tensor, Tensor> run_decode(const Tensor& q_in, const Tensor& k_cache_in, const Tensor& v_cache_in,
+                                      const Tensor& lens, const Tensor& k_new_in, const Tensor& v_new_in,
+                                      double softmax_scale, Kernel&& kernel) {
   const Tensor q = q_in.contiguous(), k_cache = k_cache_in.contiguous(), v_cache = v_cache_in.contiguous();
-  const Tensor k_new = k_new_in.contiguous(), v_new = v_new_in.contiguous();
+  const Tensor k_new = k_new_in.contiguous(), v_new = v_new_in.contiguous(), lens_c = lens.contiguous();
   Tensor out = at::empty(q.sizes(), q.options());
   Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   llada::BlockAttentionDecodeParams p;
   p.q = q.data_ptr();
   p.k_cache = k_cache.data_ptr();
   p.v_cache = v_cache.data_ptr();
-  p.cache_seqlens = lens.data_ptr<int32_t>();
+  p.cache_seqlens = lens_c.data_ptr<int32_t>();
   p.k_new = k_new.data_ptr();
   p.v_new = v_new.data_ptr();
   p.dtype = attention_dtype(q, "block_attention_decode", "q");
@@ -278,41 +277,32 @@ std::tuple<Tensor, Tensor> block_attention_decode(const Tensor& q_in, const Tens
   p.softmax_scale = static_cast<float>(softmax_scale);
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
-  check_status(llada::block_attention_decode_cpu(p), "block_attention_decode");
+  check_status(kernel(p), "block_attention_decode");
   return {out, lse};
 }
 
+std::tuple<Tensor, Tensor> block_attention_decode(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
+                                                  const Tensor& cache_seqlens, const Tensor& k_new,
+                                                  const Tensor& v_new, double softmax_scale) {
+  check_decode_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale);
+  const Tensor lens = checked_cache_seqlens(cache_seqlens, k_cache.size(1));
+  return run_decode(q, k_cache, v_cache, lens, k_new, v_new, softmax_scale,
+                    [](const llada::BlockAttentionDecodeParams& p) { return llada::block_attention_decode_cpu(p); });
+}
+
 #ifdef LLADA_WITH_CUDA
-// The decode form on CUDA runs the forward kernel over one packed copy of what each sequence sees: its
-// cached keys, then the block's own keys, in one document whose single block (block_size = its length)
-// leaves the block unmasked. The copy is one extra pass over the used part of the cache.
 std::tuple<Tensor, Tensor> block_attention_decode_cuda(const Tensor& q, const Tensor& k_cache,
                                                        const Tensor& v_cache, const Tensor& cache_seqlens,
                                                        const Tensor& k_new, const Tensor& v_new,
                                                        double softmax_scale) {
   check_decode_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale);
-  const Tensor lens = checked_cache_seqlens(cache_seqlens, k_cache.size(1));
-  const int64_t B = q.size(0), Lb = q.size(1), Hq = q.size(2), D = q.size(3);
-  if (B == 0 || Lb == 0)
-    return {at::empty(q.sizes(), q.options()), at::empty({B, Lb, Hq}, q.options().dtype(at::kFloat))};
-  const int32_t* l = lens.data_ptr<int32_t>();
-  std::vector<Tensor> keys, values;  // per sequence: cache rows [l_b, Hkv, D], then new rows [Lb, Hkv, D]
-  std::vector<int32_t> cu_k(B + 1, 0);
-  int64_t longest = 0;
-  for (int64_t b = 0; b < B; ++b) {
-    keys.push_back(k_cache[b].narrow(0, 0, l[b]));
-    keys.push_back(k_new[b]);
-    values.push_back(v_cache[b].narrow(0, 0, l[b]));
-    values.push_back(v_new[b]);
-    cu_k[b + 1] = cu_k[b] + l[b] + static_cast<int32_t>(Lb);
-    longest = std::max<int64_t>(longest, l[b] + Lb);
-  }
-  const auto int32_on_device = at::TensorOptions().dtype(at::kInt).device(q.device());
-  const Tensor cu_seqlens_k = at::tensor(cu_k, at::TensorOptions().dtype(at::kInt)).to(q.device());
-  const Tensor cu_seqlens_q = at::arange(0, (B + 1) * Lb, Lb, int32_on_device);
-  auto [out, lse] = block_attention_fwd(q.reshape({B * Lb, Hq, D}), at::cat(keys), at::cat(values), cu_seqlens_q,
-                                        cu_seqlens_k, Lb, longest, longest, "block_causal", softmax_scale);
-  return {out.view({B, Lb, Hq, D}), lse.view({B, Lb, Hq})};
+  checked_cache_seqlens(cache_seqlens, k_cache.size(1));
+  const c10::cuda::CUDAGuard guard(q.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  return run_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale,
+                    [stream](const llada::BlockAttentionDecodeParams& p) {
+                      return llada::block_attention_decode_cuda(p, stream);
+                    });
 }
 #endif
 

@@ -6,6 +6,9 @@
 // removes are skipped, full tiles are computed without evaluating the mask. Per key tile:
 //   S = Q K^T on tensor cores -> masked, scaled scores in shared memory -> online softmax by rows
 //   (2 threads a row) -> P (bf16/fp16) in shared memory -> O = alpha O + P V on tensor cores.
+// The decode form runs the same kernel with another view of the documents (DecodeDocs): the current block's
+// queries against the sequence's cache rows [0, cache_seqlens[b]) followed by its own Lb keys, read in place
+// from the cache and from k_new / v_new, with no mask inside (one block spanning the whole key range).
 // Correctness first: plain global->shared loads and shared-memory softmax; cp.async pipelining,
 // swizzled layouts, register-resident softmax and the Hopper (wgmma + TMA) path are left for tuning.
 #include <cuda_runtime.h>
@@ -53,44 +56,129 @@ struct Smem {
   float l[kBQ];      // final row sums
 };
 
-// dst [n_rows, D] row-major in shared memory = rows [0, n_valid) of src (row stride in elements), zeros after.
+// Rows of one sequence (and head) in global memory: row j at a + j * a_stride for j < split, else at
+// b + (j - split) * b_stride (strides in elements). Packed tensors use the first segment only.
+template <class T>
+struct Rows {
+  const T* a;
+  int64_t a_stride;
+  int64_t split;
+  const T* b;
+  int64_t b_stride;
+
+  __device__ __forceinline__ const T* row(int64_t j) const {
+    return j < split ? a + j * a_stride : b + (j - split) * b_stride;
+  }
+  __device__ __forceinline__ bool aligned16(int vec) const {
+    const bool a_ok = a_stride % vec == 0 && reinterpret_cast<uintptr_t>(a) % 16 == 0;
+    const bool b_ok = b == nullptr || (b_stride % vec == 0 && reinterpret_cast<uintptr_t>(b) % 16 == 0);
+    return a_ok && b_ok;
+  }
+};
+
+template <class T>
+__device__ __forceinline__ Rows<T> packed_rows(const T* base, int64_t stride) {
+  return Rows<T>{base, stride, INT64_MAX, nullptr, 0};
+}
+
+// dst [n_rows, D] row-major in shared memory = rows j0 .. j0 + n_valid - 1 of src, zeros after.
 template <class T, int D>
-__device__ __forceinline__ void load_rows(T* dst, const T* src, int64_t row_stride, int n_valid, int n_rows) {
+__device__ __forceinline__ void load_rows(T* dst, const Rows<T>& src, int64_t j0, int n_valid, int n_rows) {
   constexpr int kVec = 16 / sizeof(T);
-  const bool vec = row_stride % kVec == 0 && reinterpret_cast<uintptr_t>(src) % 16 == 0;
-  if (vec) {
+  if (src.aligned16(kVec)) {
     for (int idx = threadIdx.x; idx < n_rows * (D / kVec); idx += kThreads) {
       const int r = idx / (D / kVec), c = (idx % (D / kVec)) * kVec;
       uint4 val = make_uint4(0, 0, 0, 0);
-      if (r < n_valid) val = *reinterpret_cast<const uint4*>(src + r * row_stride + c);
+      if (r < n_valid) val = *reinterpret_cast<const uint4*>(src.row(j0 + r) + c);
       *reinterpret_cast<uint4*>(dst + r * D + c) = val;
     }
   } else {
     for (int idx = threadIdx.x; idx < n_rows * D; idx += kThreads) {
       const int r = idx / D, c = idx % D;
-      dst[idx] = r < n_valid ? src[r * row_stride + c] : T(0.0f);
+      dst[idx] = r < n_valid ? src.row(j0 + r)[c] : T(0.0f);
     }
   }
 }
 
-template <class T, int D>
-__global__ void __launch_bounds__(kThreads) block_attention_fwd_kernel(const BlockAttentionParams p, int q_tiles) {
+// One document as the kernel sees it: its first query row in q / out / lse, its mask, its key and value rows.
+template <class T>
+struct Doc {
+  int64_t q_begin;
+  DocMask mask;
+  Rows<T> k, v;
+};
+
+// Everything the kernel reads besides the documents; q, out and lse rows are [rows, heads_q, ...].
+struct FwdArgs {
+  const void* q;
+  int64_t q_row_stride, q_head_stride;
+  int64_t heads_q, heads_kv;
+  float softmax_scale;
+  void* out;    // [rows, Hq, D] contiguous
+  float* lse;   // [rows, Hq]
+};
+
+// The packed varlen layout of block_attention: documents delimited by cu_seqlens.
+struct PackedDocs {
+  const int32_t* cu_seqlens_q;
+  const int32_t* cu_seqlens_k;
+  const void* k;
+  const void* v;
+  int64_t k_row_stride, k_head_stride, v_row_stride, v_head_stride;
+  AttentionMask mask;
+  int64_t block_size;
+
+  template <class T>
+  __device__ __forceinline__ Doc<T> get(int64_t seq, int64_t hk) const {
+    const int64_t cq = cu_seqlens_q[seq], ck = cu_seqlens_k[seq];
+    const DocMask dm{mask, block_size, cu_seqlens_q[seq + 1] - cq, cu_seqlens_k[seq + 1] - ck};
+    const T* kb = static_cast<const T*>(k) + ck * k_row_stride + hk * k_head_stride;
+    const T* vb = static_cast<const T*>(v) + ck * v_row_stride + hk * v_head_stride;
+    return Doc<T>{cq, dm, packed_rows(kb, k_row_stride), packed_rows(vb, v_row_stride)};
+  }
+};
+
+// The decode form: sequence b's queries are rows b * Lb .. of q; its keys are cache rows [0, len_b) then
+// its Lb new rows, all visible (block_causal with one block as long as the keys).
+struct DecodeDocs {
+  const int32_t* cache_seqlens;  // [B] on the device
+  const void* k_cache;           // [B, Smax, Hkv, D] contiguous
+  const void* v_cache;
+  const void* k_new;             // [B, Lb, Hkv, D] contiguous
+  const void* v_new;
+  int64_t block, capacity, heads_kv, head_dim;  // Lb, Smax, Hkv, D
+
+  template <class T>
+  __device__ __forceinline__ Doc<T> get(int64_t seq, int64_t hk) const {
+    const int64_t cached = cache_seqlens[seq], len_k = cached + block;
+    const DocMask dm{AttentionMask::kBlockCausal, len_k, block, len_k};
+    const int64_t stride = heads_kv * head_dim;
+    const int64_t cache_off = seq * capacity * stride + hk * head_dim, new_off = seq * block * stride + hk * head_dim;
+    const Rows<T> kr{static_cast<const T*>(k_cache) + cache_off, stride, cached,
+                     static_cast<const T*>(k_new) + new_off, stride};
+    const Rows<T> vr{static_cast<const T*>(v_cache) + cache_off, stride, cached,
+                     static_cast<const T*>(v_new) + new_off, stride};
+    return Doc<T>{seq * block, dm, kr, vr};
+  }
+};
+
+template <class T, int D, class Docs>
+__global__ void __launch_bounds__(kThreads) block_attention_fwd_kernel(const FwdArgs p, const Docs docs, int q_tiles) {
   extern __shared__ __align__(16) char smem_raw[];
   Smem<T, D>& sm = *reinterpret_cast<Smem<T, D>*>(smem_raw);
 
   const int64_t seq = blockIdx.x / q_tiles;
   const int64_t q0 = static_cast<int64_t>(blockIdx.x % q_tiles) * kBQ;
   const int64_t h = blockIdx.y;
-  const int64_t cq = p.cu_seqlens_q[seq], ck = p.cu_seqlens_k[seq];
-  const DocMask dm{p.mask, p.block_size, p.cu_seqlens_q[seq + 1] - cq, p.cu_seqlens_k[seq + 1] - ck};
+  const int64_t hk = h / (p.heads_q / p.heads_kv);
+  const Doc<T> doc = docs.template get<T>(seq, hk);
+  const int64_t cq = doc.q_begin;
+  const DocMask& dm = doc.mask;
   if (q0 >= dm.len_q) return;
   const int nq = static_cast<int>(min_i64(kBQ, dm.len_q - q0));
-  const int64_t hk = h / (p.heads_q / p.heads_kv);
 
   const T* q = static_cast<const T*>(p.q) + (cq + q0) * p.q_row_stride + h * p.q_head_stride;
-  const T* k = static_cast<const T*>(p.k) + ck * p.k_row_stride + hk * p.k_head_stride;
-  const T* v = static_cast<const T*>(p.v) + ck * p.v_row_stride + hk * p.v_head_stride;
-  load_rows<T, D>(sm.q, q, p.q_row_stride, nq, kBQ);
+  load_rows<T, D>(sm.q, packed_rows(q, p.q_row_stride), 0, nq, kBQ);
 
   using TiledMma = TiledMMA<MMA_Atom<typename MmaAtomFor<T>::type>, Layout<Shape<_4, _1, _1>>>;
   TiledMma mma;
@@ -126,8 +214,8 @@ __global__ void __launch_bounds__(kThreads) block_attention_fwd_kernel(const Blo
     const TileKind kind = classify_tile(dm, q0, q0 + nq, k0, k0 + nk);
     if (kind == TileKind::kSkip) continue;
     __syncthreads();  // the previous tile is consumed
-    load_rows<T, D>(sm.k, k + k0 * p.k_row_stride, p.k_row_stride, nk, kBK);
-    load_rows<T, D>(sm.v, v + k0 * p.v_row_stride, p.v_row_stride, nk, kBK);
+    load_rows<T, D>(sm.k, doc.k, k0, nk, kBK);
+    load_rows<T, D>(sm.v, doc.v, k0, nk, kBK);
     __syncthreads();
 
     clear(tSrS);
@@ -187,25 +275,38 @@ __global__ void __launch_bounds__(kThreads) block_attention_fwd_kernel(const Blo
   }
 }
 
-template <class T, int D>
-Status launch(const BlockAttentionParams& p, cudaStream_t stream) {
-  const int64_t q_tiles = (p.max_seqlen_q + kBQ - 1) / kBQ;
-  if (q_tiles == 0 || p.num_seqs == 0 || p.heads_q == 0) return Status::kOk;
-  if (q_tiles * p.num_seqs > INT32_MAX || p.heads_q > 65535) return Status::kBadArgument;
-  const dim3 grid(static_cast<unsigned>(q_tiles * p.num_seqs), static_cast<unsigned>(p.heads_q));
+template <class T, int D, class Docs>
+Status launch(const FwdArgs& args, const Docs& docs, int64_t num_seqs, int64_t max_seqlen_q, cudaStream_t stream) {
+  const int64_t q_tiles = (max_seqlen_q + kBQ - 1) / kBQ;
+  if (q_tiles == 0 || num_seqs == 0 || args.heads_q == 0) return Status::kOk;
+  if (q_tiles * num_seqs > INT32_MAX || args.heads_q > 65535) return Status::kBadArgument;
+  const dim3 grid(static_cast<unsigned>(q_tiles * num_seqs), static_cast<unsigned>(args.heads_q));
   const size_t smem = sizeof(Smem<T, D>);
-  auto kernel = block_attention_fwd_kernel<T, D>;
+  auto kernel = block_attention_fwd_kernel<T, D, Docs>;
   LLADA_RETURN_IF_CUDA_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                   static_cast<int>(smem)));
-  kernel<<<grid, kThreads, smem, stream>>>(p, static_cast<int>(q_tiles));
+  kernel<<<grid, kThreads, smem, stream>>>(args, docs, static_cast<int>(q_tiles));
   LLADA_RETURN_LAUNCH_STATUS();
 }
 
-template <class T>
-Status dispatch_head_dim(const BlockAttentionParams& p, cudaStream_t stream) {
-  switch (p.head_dim) {
-    case 64: return launch<T, 64>(p, stream);
-    case 128: return launch<T, 128>(p, stream);
+template <class T, class Docs>
+Status dispatch_head_dim(int64_t head_dim, const FwdArgs& args, const Docs& docs, int64_t num_seqs,
+                         int64_t max_seqlen_q, cudaStream_t stream) {
+  switch (head_dim) {
+    case 64: return launch<T, 64>(args, docs, num_seqs, max_seqlen_q, stream);
+    case 128: return launch<T, 128>(args, docs, num_seqs, max_seqlen_q, stream);
+    default: return Status::kBadArgument;
+  }
+}
+
+template <class Docs>
+Status dispatch(DType dtype, int64_t head_dim, const FwdArgs& args, const Docs& docs, int64_t num_seqs,
+                int64_t max_seqlen_q, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kBFloat16:
+      return dispatch_head_dim<cutlass::bfloat16_t>(head_dim, args, docs, num_seqs, max_seqlen_q, stream);
+    case DType::kFloat16:
+      return dispatch_head_dim<cutlass::half_t>(head_dim, args, docs, num_seqs, max_seqlen_q, stream);
     default: return Status::kBadArgument;
   }
 }
@@ -214,11 +315,18 @@ Status dispatch_head_dim(const BlockAttentionParams& p, cudaStream_t stream) {
 
 Status block_attention_fwd_cuda(const BlockAttentionParams& p, cudaStream_t stream) {
   if (p.block_size < 1 || p.heads_kv < 1 || p.heads_q % p.heads_kv != 0) return Status::kBadArgument;
-  switch (p.dtype) {
-    case DType::kBFloat16: return dispatch_head_dim<cutlass::bfloat16_t>(p, stream);
-    case DType::kFloat16: return dispatch_head_dim<cutlass::half_t>(p, stream);
-    default: return Status::kBadArgument;
-  }
+  const FwdArgs args{p.q, p.q_row_stride, p.q_head_stride, p.heads_q, p.heads_kv, p.softmax_scale, p.out, p.lse};
+  const PackedDocs docs{p.cu_seqlens_q, p.cu_seqlens_k, p.k, p.v, p.k_row_stride, p.k_head_stride,
+                        p.v_row_stride, p.v_head_stride, p.mask, p.block_size};
+  return dispatch(p.dtype, p.head_dim, args, docs, p.num_seqs, p.max_seqlen_q, stream);
+}
+
+Status block_attention_decode_cuda(const BlockAttentionDecodeParams& p, cudaStream_t stream) {
+  if (p.heads_kv < 1 || p.heads_q % p.heads_kv != 0) return Status::kBadArgument;
+  const FwdArgs args{p.q, p.heads_q * p.head_dim, p.head_dim, p.heads_q, p.heads_kv, p.softmax_scale, p.out, p.lse};
+  const DecodeDocs docs{p.cache_seqlens, p.k_cache, p.v_cache, p.k_new, p.v_new,
+                        p.block, p.cache_capacity, p.heads_kv, p.head_dim};
+  return dispatch(p.dtype, p.head_dim, args, docs, p.batch, p.block, stream);
 }
 
 }  // namespace llada

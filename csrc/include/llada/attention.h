@@ -65,7 +65,7 @@ struct BlockAttentionDecodeParams {
   const void* q = nullptr;        // [B, Lb, Hq, D] contiguous
   const void* k_cache = nullptr;  // [B, Smax, Hkv, D] contiguous
   const void* v_cache = nullptr;  // [B, Smax, Hkv, D] contiguous
-  const int32_t* cache_seqlens = nullptr;  // [B], each in [0, Smax]
+  const int32_t* cache_seqlens = nullptr;  // [B], each in [0, Smax] (host memory for the CPU kernel, device for CUDA)
   const void* k_new = nullptr;    // [B, Lb, Hkv, D] contiguous
   const void* v_new = nullptr;    // [B, Lb, Hkv, D] contiguous
   DType dtype = DType::kFloat32;
@@ -86,6 +86,8 @@ Status block_attention_decode_cpu(const BlockAttentionDecodeParams& p);
 // CUDA forward (CuTe, sm_80 / sm_90), asynchronous on `stream`: bf16 and fp16, D in {64, 128}
 // (kBadArgument otherwise). Launches ceil(max_seqlen_q / 64) query tiles per sequence and head.
 Status block_attention_fwd_cuda(const BlockAttentionParams& p, cudaStream_t stream);
+// The decode form on the same kernel, reading the cache in place; cache_seqlens is a device pointer here.
+Status block_attention_decode_cuda(const BlockAttentionDecodeParams& p, cudaStream_t stream);
 #endif
 
 }  // namespace llada
