@@ -1,7 +1,6 @@
 // Bindings of the block-attention family (csrc/attention): validate the tensors (shapes, dtypes,
-// devices, cu_seqlens, mask arguments), fill llada::BlockAttention*Params and call the kernels: CPU for
-// every op, CUDA for the forward and the decode form. cu_seqlens and cache_seqlens on a GPU are copied to
-// the host once to be validated.
+// devices, cu_seqlens, mask arguments), fill llada::BlockAttention*Params and call the CPU or CUDA kernels
+// (every op has both). cu_seqlens and cache_seqlens on a GPU are copied to the host once to be validated.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -170,7 +169,6 @@ std::tuple<Tensor, Tensor, Tensor> block_attention_bwd(
     const Tensor& lse, const std::optional<Tensor>& dlse, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t block_size, const std::string& mask, double softmax_scale) {
   const char* op = "block_attention_bwd";
-  TORCH_CHECK_VALUE(q_in.is_cpu(), op, ": the backward runs on the CPU only so far; q is on ", q_in.device());
   const Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   llada::BlockAttentionBwdParams p;
   p.fwd = make_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, mask, softmax_scale);
@@ -202,7 +200,20 @@ std::tuple<Tensor, Tensor, Tensor> block_attention_bwd(
   p.dq = dq.data_ptr();
   p.dk = dk.data_ptr();
   p.dv = dv.data_ptr();
-  check_status(llada::block_attention_bwd_cpu(p), op);
+  if (q.is_cpu()) {
+    check_status(llada::block_attention_bwd_cpu(p), op);
+  } else {
+#ifdef LLADA_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(q.device());
+    const Tensor workspace =
+        at::empty({llada::block_attention_bwd_cuda_workspace_bytes(p, q.size(0))}, q.options().dtype(at::kByte));
+    check_status(llada::block_attention_bwd_cuda(p, q.size(0), workspace.numel() > 0 ? workspace.data_ptr() : nullptr,
+                                                 c10::cuda::getCurrentCUDAStream().stream()),
+                 op);
+#else
+    TORCH_CHECK(false, op, ": llada_engine was built without CUDA kernels");
+#endif
+  }
   return {dq, dk, dv};
 }
 
@@ -317,6 +328,7 @@ TORCH_LIBRARY_IMPL(llada, CPU, m) {
 #ifdef LLADA_WITH_CUDA
 TORCH_LIBRARY_IMPL(llada, CUDA, m) {
   m.impl("block_attention_fwd", &block_attention_fwd);
+  m.impl("block_attention_bwd", &block_attention_bwd);
   m.impl("block_attention_decode", &block_attention_decode_cuda);
 }
 #endif

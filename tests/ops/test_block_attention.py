@@ -2,7 +2,7 @@
 lengths 1, 7, 32, 33 and 1000, block sizes 1, 4, 32 and >= length, GQA 16/4 and 4/4, D 64 and 128; fp32
 to 1e-5, bf16 within 2x the reference's own bf16 error; gradients against the reference's autograd; the
 decode form against the full recompute; bad input rejected by name. On CUDA (bf16/fp16, D 64/128) the
-forward and the decode form run; the backward and fp32 run on the CPU."""
+forward, backward and decode form run; fp32 runs on the CPU."""
 import pytest
 import torch
 
@@ -104,12 +104,13 @@ def test_strided_inputs_and_odd_head_dim(device):
     assert_close_to_reference(out, ref, atol=1e-5)
 
 
-def reference_grads(args, dout, dlse, **kw):
-    q, k, v, *rest = [a.detach().float().requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a
-                      for a in args]
+def reference_grads(args, dout, dlse, *, upcast=True, **kw):
+    """Gradients of the reference, in fp32 (upcast) or in the inputs' own dtype (its low-precision error)."""
+    cast = (lambda t: t.detach().float()) if upcast else (lambda t: t.detach().clone())
+    q, k, v, *rest = [cast(a).requires_grad_() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
     out, lse = block_attention_ref(q, k, v, *rest, return_lse=True, **kw)
     finite = torch.isfinite(lse)
-    ((out * dout.float()).sum() + (lse[finite] * dlse.float()[finite]).sum()).backward()
+    ((out.float() * dout.float()).sum() + (lse[finite].float() * dlse.float()[finite]).sum()).backward()
     return q.grad, k.grad, v.grad
 
 
@@ -137,6 +138,46 @@ def test_gradients_match_reference_autograd(device, mask, block_size, heads, dim
     for name, ours, ref in zip(("dq", "dk", "dv"), our_grads(args, dout, dlse, **kw),
                                reference_grads(args, dout, dlse, **kw)):
         assert_close_to_reference(ours, ref, atol=2e-5 * max(1.0, ref.abs().max().item()), name=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mask", ["block_causal", "bd3"])
+@pytest.mark.parametrize("block_size,heads,dim", [(1, (4, 4), 64), (4, (16, 4), 128), (32, (16, 4), 64),
+                                                  (2048, (4, 4), 128)])
+def test_gradients_cuda_within_twice_reference_error(dtype, mask, block_size, heads, dim):
+    halves = [1, 7, 32, 33, 200]
+    lengths = halves if mask == "block_causal" else bd3_lengths(halves)
+    args = make_packed(lengths, heads=heads, dim=dim, device="cuda", dtype=dtype, seed=block_size + dim)
+    g = torch.Generator().manual_seed(16)
+    dout = torch.randn(args[0].shape, generator=g).to("cuda", dtype)
+    dlse = torch.randn(args[0].shape[:2], generator=g).to("cuda")
+    kw = dict(block_size=block_size, mask=mask)
+    refs = reference_grads(args, dout, dlse, **kw)
+    lowp = reference_grads(args, dout, dlse, upcast=False, **kw)
+    for name, o, r, l in zip(("dq", "dk", "dv"), our_grads(args, dout, dlse, **kw), refs, lowp):
+        assert o.dtype == dtype
+        assert_close_to_reference(o, r, l, name=name)
+
+
+@pytest.mark.gpu
+def test_gradients_cuda_strided_inputs_and_unseen_keys():
+    # k and v sliced from one fused projection; a document with keys and no query gets zero dk and dv.
+    qkv = torch.randn(147, 8, 64, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(6, 4, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = qkv[:, :2], qkv[:, 2:4]
+    cu_q = torch.tensor([0, 5, 5, 6], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, 37, 77, 147], dtype=torch.int32, device="cuda")
+    args = (q, k, v, cu_q, cu_k, 5, 70)
+    dout = torch.randn_like(q)
+    dlse = torch.zeros(q.shape[:2], device="cuda")
+    kw = dict(block_size=8)
+    refs = reference_grads(args, dout, dlse, **kw)
+    lowp = reference_grads(args, dout, dlse, upcast=False, **kw)
+    ours = our_grads(args, dout, dlse, **kw)
+    for name, o, r, l in zip(("dq", "dk", "dv"), ours, refs, lowp):
+        assert_close_to_reference(o, r, l, name=name)
+    assert (ours[1][37:77] == 0).all() and (ours[2][37:77] == 0).all()
 
 
 @pytest.mark.parametrize("device", CPU)
@@ -345,8 +386,8 @@ def test_decode_bad_arguments_are_named(change, match):
 
 
 def opcheck_samples(device):
-    """(args, kwargs) samples for torch.library.opcheck of the llada::block_attention_* ops (on CUDA the
-    forward and the decode form, in bf16/fp16 with D 64: the backward has no CUDA kernel yet)."""
+    """(args, kwargs) samples for torch.library.opcheck of the llada::block_attention_* ops (on CUDA in
+    bf16/fp16 with D 64)."""
     samples = {"block_attention_fwd": [], "block_attention_bwd": [], "block_attention_decode": []}
     cuda = device.startswith("cuda")
     cases = (("bd3", torch.float16 if cuda else torch.float32, [6, 0, 10]),
@@ -356,8 +397,6 @@ def opcheck_samples(device):
                                                   dtype=dtype, seed=13)
         kw = dict(block_size=2, mask=mask, softmax_scale=0.3)
         samples["block_attention_fwd"].append(((q, k, v, cu_q, cu_k, mq, mk), kw))
-        if cuda:
-            continue
         grad = [t.clone().requires_grad_() for t in (q, k, v)]
         samples["block_attention_fwd"].append(((*grad, cu_q, cu_k, mq, mk), kw))
         out, lse = torch.ops.llada.block_attention_fwd(q, k, v, cu_q, cu_k, mq, mk, **kw)

@@ -86,7 +86,12 @@ Status block_attention_decode_cpu(const BlockAttentionDecodeParams& p);
 // CUDA forward (CuTe, sm_80 / sm_90), asynchronous on `stream`: bf16 and fp16, D in {64, 128}
 // (kBadArgument otherwise). Launches ceil(max_seqlen_q / 64) query tiles per sequence and head.
 Status block_attention_fwd_cuda(const BlockAttentionParams& p, cudaStream_t stream);
-// The decode form on the same kernel, reading the cache in place; cache_seqlens is a device pointer here.
+// CUDA backward (FlashAttention-2 style, same dtypes and head dims). `workspace` is device memory of
+// block_attention_bwd_cuda_workspace_bytes(p, total_q) bytes (the row deltas and an fp32 dq), total_q = Tq.
+Status block_attention_bwd_cuda(const BlockAttentionBwdParams& p, int64_t total_q, void* workspace,
+                                cudaStream_t stream);
+int64_t block_attention_bwd_cuda_workspace_bytes(const BlockAttentionBwdParams& p, int64_t total_q);
+// The decode form on the forward kernel, reading the cache in place; cache_seqlens is a device pointer here.
 Status block_attention_decode_cuda(const BlockAttentionDecodeParams& p, cudaStream_t stream);
 #endif
 

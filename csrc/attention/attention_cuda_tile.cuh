@@ -1,0 +1,78 @@
+// Pieces shared by the CUDA kernels of block attention (forward, decode form, backward): tile sizes, the
+// SM80 tensor-core MMA atom per dtype, and global -> shared row loads from one or two row segments.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cute/tensor.hpp>
+#include <cutlass/numeric_types.h>
+#include <limits>
+
+namespace llada {
+namespace attention_cuda {
+
+constexpr int kBQ = 64;        // query rows per tile
+constexpr int kBK = 64;        // keys per tile
+constexpr int kThreads = 128;  // 4 warps, each 16 rows of the MMA
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2 = 0.69314718055994531f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+template <class T>
+struct MmaAtomFor;
+template <>
+struct MmaAtomFor<cutlass::bfloat16_t> {
+  using type = cute::SM80_16x8x16_F32BF16BF16F32_TN;
+};
+template <>
+struct MmaAtomFor<cutlass::half_t> {
+  using type = cute::SM80_16x8x16_F32F16F16F32_TN;
+};
+
+// Rows of one sequence (and head) in global memory: row j at a + j * a_stride for j < split, else at
+// b + (j - split) * b_stride (strides in elements). Packed tensors use the first segment only.
+template <class T>
+struct Rows {
+  const T* a;
+  int64_t a_stride;
+  int64_t split;
+  const T* b;
+  int64_t b_stride;
+
+  __device__ __forceinline__ const T* row(int64_t j) const {
+    return j < split ? a + j * a_stride : b + (j - split) * b_stride;
+  }
+  __device__ __forceinline__ bool aligned16(int vec) const {
+    const bool a_ok = a_stride % vec == 0 && reinterpret_cast<uintptr_t>(a) % 16 == 0;
+    const bool b_ok = b == nullptr || (b_stride % vec == 0 && reinterpret_cast<uintptr_t>(b) % 16 == 0);
+    return a_ok && b_ok;
+  }
+};
+
+template <class T>
+__device__ __forceinline__ Rows<T> packed_rows(const T* base, int64_t stride) {
+  return Rows<T>{base, stride, INT64_MAX, nullptr, 0};
+}
+
+// dst [n_rows, D] row-major in shared memory = rows j0 .. j0 + n_valid - 1 of src, zeros after.
+template <class T, int D>
+__device__ __forceinline__ void load_rows(T* dst, const Rows<T>& src, int64_t j0, int n_valid, int n_rows) {
+  constexpr int kVec = 16 / sizeof(T);
+  if (src.aligned16(kVec)) {
+    for (int idx = threadIdx.x; idx < n_rows * (D / kVec); idx += kThreads) {
+      const int r = idx / (D / kVec), c = (idx % (D / kVec)) * kVec;
+      uint4 val = make_uint4(0, 0, 0, 0);
+      if (r < n_valid) val = *reinterpret_cast<const uint4*>(src.row(j0 + r) + c);
+      *reinterpret_cast<uint4*>(dst + r * D + c) = val;
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < n_rows * D; idx += kThreads) {
+      const int r = idx / D, c = idx % D;
+      dst[idx] = r < n_valid ? src.row(j0 + r)[c] : T(0.0f);
+    }
+  }
+}
+
+}  // namespace attention_cuda
+}  // namespace llada
