@@ -2,7 +2,9 @@
 // Asynchronous on the caller's stream, no host synchronisation.
 //
 //   route      one warp per token: the lanes write sigmoid scores and biased scores to shared memory,
-//              then lane 0 applies the shared gate rule (route_rule.h), so CPU and CUDA pick alike.
+//              then apply the shared gate rule (route_rule.h) split over the lanes: group top-2 and
+//              each of the k picks reduced with shuffles through the rule's own merge functions, so
+//              CPU and CUDA pick alike.
 //   permute    a stable counting sort in three launches over chunks of kChunk (token, slot) entries:
 //              per-chunk expert histograms; one block turning them into per-chunk bases and the
 //              offsets; per-chunk ranks (warps in order, __match_any_sync within a warp); then the
@@ -40,6 +42,11 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { re
 template <>
 __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 
+// Shared memory of one routing warp, in floats: scores, biased scores, group scores, picks, kept flags.
+__host__ __device__ inline int64_t route_warp_floats(const MoeRouteParams& p) {
+  return 2 * p.experts + p.n_group + p.top_k + (p.n_group + 3) / 4;
+}
+
 template <typename T>
 __global__ void route_kernel(MoeRouteParams p) {
   extern __shared__ float smem[];
@@ -47,10 +54,11 @@ __global__ void route_kernel(MoeRouteParams p) {
   const int64_t t = static_cast<int64_t>(blockIdx.x) * kRouteWarps + warp;
   if (t >= p.tokens) return;
   const int64_t E = p.experts;
-  float* scores = smem + warp * (2 * E + 2 * p.n_group);  // [E]
-  float* biased = scores + E;                              // [E]
-  float* group_score = biased + E;                         // [n_group]
-  bool* kept = reinterpret_cast<bool*>(group_score + p.n_group);
+  float* scores = smem + warp * route_warp_floats(p);  // [E]
+  float* biased = scores + E;                          // [E]
+  float* group_score = biased + E;                     // [n_group]
+  int32_t* picked = reinterpret_cast<int32_t*>(group_score + p.n_group);  // [k]
+  bool* kept = reinterpret_cast<bool*>(picked + p.top_k);                // [n_group]
   const T* logits = static_cast<const T*>(p.logits) + t * E;  // [E]
   bool nan = false;
   for (int64_t e = lane; e < E; e += 32) {
@@ -62,18 +70,44 @@ __global__ void route_kernel(MoeRouteParams p) {
   }
   nan = __any_sync(0xffffffffu, nan);
   __syncwarp();
-  if (lane != 0) return;
   int32_t* ids = p.topk_ids + t * p.top_k;  // [k]
   float* weights = p.topk_weights + t * p.top_k;
   if (nan) {  // a NaN logit: experts 0..k-1 with NaN weights, so that the NaN shows downstream
-    for (int64_t j = 0; j < p.top_k; ++j) {
+    for (int64_t j = lane; j < p.top_k; j += 32) {
       ids[j] = static_cast<int32_t>(j);
       weights[j] = __int_as_float(0x7fc00000);
     }
     return;
   }
-  route_token(scores, biased, E, p.n_group, p.topk_group, p.top_k, p.routed_scaling_factor, p.norm_topk_prob, kept,
-              group_score, ids, weights);
+  const int64_t group_size = E / p.n_group;
+  for (int64_t g = 0; g < p.n_group; ++g) {
+    Top2 top = top2_empty();
+    for (int64_t i = lane; i < group_size; i += 32) top = top2_push(top, biased[g * group_size + i]);
+    for (int off = 16; off > 0; off >>= 1) {
+      const Top2 other{__shfl_xor_sync(0xffffffffu, top.first, off), __shfl_xor_sync(0xffffffffu, top.second, off),
+                       __shfl_xor_sync(0xffffffffu, top.count, off)};
+      top = top2_merge(top, other);
+    }
+    if (lane == 0) group_score[g] = group_score_of(top);
+  }
+  __syncwarp();
+  if (lane == 0) keep_groups(group_score, p.n_group, p.topk_group, kept);
+  __syncwarp();
+  Pick prev = pick_none();
+  for (int64_t j = 0; j < p.top_k; ++j) {
+    Pick best = best_after(biased, E, group_size, kept, prev, lane, 32);
+    for (int off = 16; off > 0; off >>= 1) {
+      const Pick other{__shfl_xor_sync(0xffffffffu, best.score, off),
+                       static_cast<int64_t>(__shfl_xor_sync(0xffffffffu, static_cast<long long>(best.index), off))};
+      if (pick_better(other, best)) best = other;
+    }
+    prev = best;
+    if (lane == 0) picked[j] = static_cast<int32_t>(best.index);
+  }
+  __syncwarp();
+  if (lane != 0) return;
+  for (int64_t j = 0; j < p.top_k; ++j) ids[j] = picked[j];
+  route_weights(scores, picked, p.top_k, p.routed_scaling_factor, p.norm_topk_prob, weights);
 }
 
 // counts [chunks, E]: how many entries of each chunk go to each expert.
@@ -207,7 +241,7 @@ template <typename T>
 struct RouteLaunch {
   static Status run(const MoeRouteParams& p, cudaStream_t stream) {
     const int64_t blocks = (p.tokens + kRouteWarps - 1) / kRouteWarps;
-    const size_t smem = kRouteWarps * (2 * p.experts + 2 * p.n_group) * sizeof(float);
+    const size_t smem = kRouteWarps * route_warp_floats(p) * sizeof(float);
     if (smem > 48 * 1024) return Status::kBadArgument;
     route_kernel<T><<<blocks, kRouteWarps * 32, smem, stream>>>(p);
     LLADA_RETURN_LAUNCH_STATUS();

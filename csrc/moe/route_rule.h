@@ -22,53 +22,102 @@ LLADA_HD float route_sigmoid(float x) {
 #endif
 }
 
-// scores [E] unbiased, biased [E] = scores + bias (no NaN); kept_group, group_score [n_group] scratch;
-// ids, weights [k] out.
-LLADA_HD void route_token(const float* scores, const float* biased, int64_t E, int64_t n_group,
-                          int64_t topk_group, int64_t top_k, float scale, bool norm, bool* kept_group,
-                          float* group_score, int32_t* ids, float* weights) {
-  const int64_t group_size = E / n_group;
-  for (int64_t g = 0; g < n_group; ++g) {
-    const float* s = biased + g * group_size;
-    float first = s[0];
-    float second = 0.0f;
-    bool has_second = false;
-    for (int64_t i = 1; i < group_size; ++i) {
-      if (s[i] > first) {
-        second = first;
-        first = s[i];
-      } else if (!has_second || s[i] > second) {
-        second = s[i];
-      }
-      has_second = true;
-    }
-    group_score[g] = has_second ? first + second : first;
-    kept_group[g] = false;
+// The rule is built from pieces that merge in any order, so that a CUDA warp can split a token's experts
+// over its lanes and reduce with shuffles to exactly what the serial loop gives.
+
+// The two largest values of a set (count: how many values were pushed, capped at 2).
+struct Top2 {
+  float first;
+  float second;
+  int count;
+};
+
+LLADA_HD Top2 top2_empty() { return Top2{-INFINITY, -INFINITY, 0}; }
+
+LLADA_HD Top2 top2_push(Top2 t, float x) {
+  if (t.count == 0 || x > t.first) {
+    t.second = t.first;
+    t.first = x;
+  } else if (x > t.second) {
+    t.second = x;
   }
+  t.count = t.count < 2 ? t.count + 1 : 2;
+  return t;
+}
+
+LLADA_HD Top2 top2_merge(Top2 a, Top2 b) {
+  if (b.count > 0) a = top2_push(a, b.first);
+  if (b.count > 1) a = top2_push(a, b.second);
+  return a;
+}
+
+// A group's score: the sum of its top-2 biased scores, or its one score when it holds one expert.
+LLADA_HD float group_score_of(Top2 t) { return t.count >= 2 ? t.first + t.second : t.first; }
+
+// Keeps the topk_group best groups (ties to the lower index).
+LLADA_HD void keep_groups(const float* group_score, int64_t n_group, int64_t topk_group, bool* kept_group) {
+  for (int64_t g = 0; g < n_group; ++g) kept_group[g] = false;
   for (int64_t j = 0; j < topk_group; ++j) {
     int64_t best = -1;
     for (int64_t g = 0; g < n_group; ++g)
       if (!kept_group[g] && (best < 0 || group_score[g] > group_score[best])) best = g;
     kept_group[best] = true;
   }
-  // The j-th pick is the best expert that comes after the (j-1)-th in (descending score, ascending index).
-  float sum = 0.0f;
-  float prev_score = 0.0f;
-  int64_t prev = -1;
-  for (int64_t j = 0; j < top_k; ++j) {
-    int64_t best = -1;
-    for (int64_t e = 0; e < E; ++e) {
-      if (!kept_group[e / group_size]) continue;
-      const bool after = prev < 0 || biased[e] < prev_score || (biased[e] == prev_score && e > prev);
-      if (after && (best < 0 || biased[e] > biased[best])) best = e;
-    }
-    ids[j] = static_cast<int32_t>(best);
-    weights[j] = scores[best];
-    sum += scores[best];
-    prev = best;
-    prev_score = biased[best];
+}
+
+// An expert with its biased score; index -1 is no expert. Order: descending score, then ascending index.
+struct Pick {
+  float score;
+  int64_t index;
+};
+
+LLADA_HD Pick pick_none() { return Pick{0.0f, -1}; }
+
+LLADA_HD bool pick_better(Pick a, Pick b) {
+  if (a.index < 0) return false;
+  if (b.index < 0) return true;
+  return a.score > b.score || (a.score == b.score && a.index < b.index);
+}
+
+// The best expert among e = first, first + stride, ... < E in kept groups that ranks after `prev`.
+LLADA_HD Pick best_after(const float* biased, int64_t E, int64_t group_size, const bool* kept_group, Pick prev,
+                         int64_t first, int64_t stride) {
+  Pick best = pick_none();
+  for (int64_t e = first; e < E; e += stride) {
+    if (!kept_group[e / group_size]) continue;
+    const Pick c{biased[e], e};
+    if (prev.index >= 0 && !pick_better(prev, c)) continue;
+    if (pick_better(c, best)) best = c;
   }
-  for (int64_t j = 0; j < top_k; ++j) weights[j] = (norm ? weights[j] / (sum + 1e-20f) : weights[j]) * scale;
+  return best;
+}
+
+// Weights of the chosen experts from the unbiased scores, in pick order.
+LLADA_HD void route_weights(const float* scores, const int32_t* ids, int64_t top_k, float scale, bool norm,
+                            float* weights) {
+  float sum = 0.0f;
+  for (int64_t j = 0; j < top_k; ++j) sum += scores[ids[j]];
+  for (int64_t j = 0; j < top_k; ++j) weights[j] = (norm ? scores[ids[j]] / (sum + 1e-20f) : scores[ids[j]]) * scale;
+}
+
+// The serial rule. scores [E] unbiased, biased [E] = scores + bias (no NaN); kept_group, group_score
+// [n_group] scratch; ids, weights [k] out.
+LLADA_HD void route_token(const float* scores, const float* biased, int64_t E, int64_t n_group,
+                          int64_t topk_group, int64_t top_k, float scale, bool norm, bool* kept_group,
+                          float* group_score, int32_t* ids, float* weights) {
+  const int64_t group_size = E / n_group;
+  for (int64_t g = 0; g < n_group; ++g) {
+    Top2 t = top2_empty();
+    for (int64_t i = 0; i < group_size; ++i) t = top2_push(t, biased[g * group_size + i]);
+    group_score[g] = group_score_of(t);
+  }
+  keep_groups(group_score, n_group, topk_group, kept_group);
+  Pick prev = pick_none();
+  for (int64_t j = 0; j < top_k; ++j) {
+    prev = best_after(biased, E, group_size, kept_group, prev, 0, 1);
+    ids[j] = static_cast<int32_t>(prev.index);
+  }
+  route_weights(scores, ids, top_k, scale, norm, weights);
 }
 
 }  // namespace llada

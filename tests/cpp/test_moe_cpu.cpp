@@ -39,6 +39,63 @@ void test_route_rule_ties_and_groups() {
   CHECK_NEAR(w[1], 0.6f, 1e-7);
 }
 
+// The CUDA routing warp's split of the rule: 32 lanes each take experts lane, lane + 32, ... and reduce in
+// the butterfly order of __shfl_xor_sync. Simulated here, it must give the serial rule's picks bit for bit.
+template <class V, class Merge>
+V butterfly(std::vector<V> lanes, Merge merge) {
+  for (int off = 16; off > 0; off >>= 1) {
+    std::vector<V> next(32);
+    for (int l = 0; l < 32; ++l) next[l] = merge(lanes[l], lanes[l ^ off]);
+    lanes = next;
+  }
+  return lanes[5];
+}
+
+void test_route_rule_split_over_lanes() {
+  std::mt19937 rng(4);
+  struct Case { int64_t E, n_group, topk_group, k; };
+  for (const Case c : {Case{256, 8, 4, 8}, Case{64, 8, 4, 8}, Case{40, 4, 2, 6}, Case{8, 8, 3, 3}, Case{96, 1, 1, 9}}) {
+    for (int trial = 0; trial < 20; ++trial) {
+      std::vector<float> scores(c.E), biased(c.E);
+      std::uniform_int_distribution<int> level(0, trial % 2 == 0 ? 1000000 : 7);  // odd trials: many ties
+      for (int64_t e = 0; e < c.E; ++e) {
+        scores[e] = static_cast<float>(level(rng)) / 1000000.0f;
+        biased[e] = scores[e] + static_cast<float>(level(rng) % 3) * 0.01f;
+      }
+      bool kept[8];
+      float group_score[8];
+      std::vector<int32_t> ids(c.k);
+      std::vector<float> w(c.k);
+      llada::route_token(scores.data(), biased.data(), c.E, c.n_group, c.topk_group, c.k, 2.5f, true, kept,
+                         group_score, ids.data(), w.data());
+
+      const int64_t gs = c.E / c.n_group;
+      float lane_group_score[8];
+      for (int64_t g = 0; g < c.n_group; ++g) {
+        std::vector<llada::Top2> parts(32, llada::top2_empty());
+        for (int l = 0; l < 32; ++l)
+          for (int64_t i = l; i < gs; i += 32) parts[l] = llada::top2_push(parts[l], biased[g * gs + i]);
+        lane_group_score[g] = llada::group_score_of(butterfly(parts, llada::top2_merge));
+        CHECK(lane_group_score[g] == group_score[g]);
+      }
+      bool lane_kept[8];
+      llada::keep_groups(lane_group_score, c.n_group, c.topk_group, lane_kept);
+      llada::Pick prev = llada::pick_none();
+      std::vector<int32_t> lane_ids(c.k);
+      for (int64_t j = 0; j < c.k; ++j) {
+        std::vector<llada::Pick> parts(32);
+        for (int l = 0; l < 32; ++l) parts[l] = llada::best_after(biased.data(), c.E, gs, lane_kept, prev, l, 32);
+        prev = butterfly(parts, [](llada::Pick a, llada::Pick b) { return llada::pick_better(b, a) ? b : a; });
+        lane_ids[j] = static_cast<int32_t>(prev.index);
+      }
+      CHECK(lane_ids == ids);
+      std::vector<float> lane_w(c.k);
+      llada::route_weights(scores.data(), lane_ids.data(), c.k, 2.5f, true, lane_w.data());
+      CHECK(lane_w == w);
+    }
+  }
+}
+
 void test_permute_unpermute() {
   const int64_t T = 5, k = 2, H = 3, E = 4;
   const int32_t ids[T * k] = {3, 0, 0, 3, 1, 0, 3, 2, 0, 1};
@@ -171,6 +228,7 @@ void test_grouped_gemm() {
 
 int main() {
   test_route_rule_ties_and_groups();
+  test_route_rule_split_over_lanes();
   test_permute_unpermute();
   test_grouped_gemm();
   TEST_MAIN_END();
