@@ -55,19 +55,29 @@ __device__ __forceinline__ Rows<T> packed_rows(const T* base, int64_t stride) {
   return Rows<T>{base, stride, INT64_MAX, nullptr, 0};
 }
 
-// dst [n_rows, D] row-major in shared memory = rows j0 .. j0 + n_valid - 1 of src, zeros after.
-template <class T, int D>
-__device__ __forceinline__ void load_rows(T* dst, const Rows<T>& src, int64_t j0, int n_valid, int n_rows) {
+// dst [kRows, D] row-major in shared memory = rows j0 .. j0 + n_valid - 1 of src, zeros after. The aligned
+// path issues all of a thread's 16-byte loads before its first store, so they are in flight together.
+template <class T, int D, int kRows>
+__device__ __forceinline__ void load_rows(T* dst, const Rows<T>& src, int64_t j0, int n_valid) {
   constexpr int kVec = 16 / sizeof(T);
+  constexpr int kPerRow = D / kVec;
+  constexpr int kIters = kRows * kPerRow / kThreads;
+  static_assert(kRows * kPerRow % kThreads == 0, "whole rows per pass");
   if (src.aligned16(kVec)) {
-    for (int idx = threadIdx.x; idx < n_rows * (D / kVec); idx += kThreads) {
-      const int r = idx / (D / kVec), c = (idx % (D / kVec)) * kVec;
-      uint4 val = make_uint4(0, 0, 0, 0);
-      if (r < n_valid) val = *reinterpret_cast<const uint4*>(src.row(j0 + r) + c);
-      *reinterpret_cast<uint4*>(dst + r * D + c) = val;
+    uint4 val[kIters];
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int idx = threadIdx.x + it * kThreads;
+      const int r = idx / kPerRow, c = (idx % kPerRow) * kVec;
+      val[it] = r < n_valid ? *reinterpret_cast<const uint4*>(src.row(j0 + r) + c) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int it = 0; it < kIters; ++it) {
+      const int idx = threadIdx.x + it * kThreads;
+      *reinterpret_cast<uint4*>(dst + (idx / kPerRow) * D + (idx % kPerRow) * kVec) = val[it];
     }
   } else {
-    for (int idx = threadIdx.x; idx < n_rows * D; idx += kThreads) {
+    for (int idx = threadIdx.x; idx < kRows * D; idx += kThreads) {
       const int r = idx / D, c = idx % D;
       dst[idx] = r < n_valid ? src.row(j0 + r)[c] : T(0.0f);
     }

@@ -79,8 +79,8 @@ __global__ void __launch_bounds__(kThreads) block_attention_bwd_kernel(const Blo
 
   const T* k = static_cast<const T*>(p.k) + (ck + k0) * p.k_row_stride + hk * p.k_head_stride;
   const T* v = static_cast<const T*>(p.v) + (ck + k0) * p.v_row_stride + hk * p.v_head_stride;
-  load_rows<T, D>(sm.k, packed_rows(k, p.k_row_stride), 0, nk, kBK);
-  load_rows<T, D>(sm.v, packed_rows(v, p.v_row_stride), 0, nk, kBK);
+  load_rows<T, D, kBK>(sm.k, packed_rows(k, p.k_row_stride), 0, nk);
+  load_rows<T, D, kBK>(sm.v, packed_rows(v, p.v_row_stride), 0, nk);
 
   using TiledMma = TiledMMA<MMA_Atom<typename MmaAtomFor<T>::type>, Layout<Shape<_4, _1, _1>>>;
   TiledMma mma;
@@ -148,8 +148,8 @@ __global__ void __launch_bounds__(kThreads) block_attention_bwd_kernel(const Blo
       __syncthreads();  // the previous tile is consumed
       const T* q = static_cast<const T*>(p.q) + (cq + q0) * p.q_row_stride + h * p.q_head_stride;
       const T* dout = static_cast<const T*>(bp.dout) + ((cq + q0) * p.heads_q + h) * D;
-      load_rows<T, D>(sm.q, packed_rows(q, p.q_row_stride), 0, nq, kBQ);
-      load_rows<T, D>(sm.dout, packed_rows(dout, p.heads_q * D), 0, nq, kBQ);
+      load_rows<T, D, kBQ>(sm.q, packed_rows(q, p.q_row_stride), 0, nq);
+      load_rows<T, D, kBQ>(sm.dout, packed_rows(dout, p.heads_q * D), 0, nq);
       for (int r = threadIdx.x; r < kBQ; r += kThreads) {
         const int64_t row = (cq + q0 + r) * p.heads_q + h;
         sm.lse[r] = r < nq ? p.lse[row] * kLog2e : kNegInf;

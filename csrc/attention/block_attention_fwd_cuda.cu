@@ -116,7 +116,7 @@ __global__ void __launch_bounds__(kThreads) block_attention_fwd_kernel(const Fwd
   const int nq = static_cast<int>(min_i64(kBQ, dm.len_q - q0));
 
   const T* q = static_cast<const T*>(p.q) + (cq + q0) * p.q_row_stride + h * p.q_head_stride;
-  load_rows<T, D>(sm.q, packed_rows(q, p.q_row_stride), 0, nq, kBQ);
+  load_rows<T, D, kBQ>(sm.q, packed_rows(q, p.q_row_stride), 0, nq);
 
   using TiledMma = TiledMMA<MMA_Atom<typename MmaAtomFor<T>::type>, Layout<Shape<_4, _1, _1>>>;
   TiledMma mma;
@@ -152,8 +152,8 @@ __global__ void __launch_bounds__(kThreads) block_attention_fwd_kernel(const Fwd
     const TileKind kind = classify_tile(dm, q0, q0 + nq, k0, k0 + nk);
     if (kind == TileKind::kSkip) continue;
     __syncthreads();  // the previous tile is consumed
-    load_rows<T, D>(sm.k, doc.k, k0, nk, kBK);
-    load_rows<T, D>(sm.v, doc.v, k0, nk, kBK);
+    load_rows<T, D, kBK>(sm.k, doc.k, k0, nk);
+    load_rows<T, D, kBK>(sm.v, doc.v, k0, nk);
     __syncthreads();
 
     clear(tSrS);
