@@ -1,5 +1,6 @@
 // Pieces shared by the CUDA kernels of block attention (forward, decode form, backward): tile sizes, the
-// SM80 tensor-core MMA atom per dtype, and global -> shared row loads from one or two row segments.
+// SM80 tensor-core MMA atom per dtype, and global -> shared row loads from one or two row segments,
+// synchronous or asynchronous (cp.async, sm_80+).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -81,6 +82,39 @@ __device__ __forceinline__ void load_rows(T* dst, const Rows<T>& src, int64_t j0
       const int r = idx / D, c = idx % D;
       dst[idx] = r < n_valid ? src.row(j0 + r)[c] : T(0.0f);
     }
+  }
+}
+
+// cp.async of 16 bytes global -> shared; with valid false nothing is read and the 16 bytes become zeros.
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  const unsigned smem = static_cast<unsigned>(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(src), "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// As load_rows, as cp.async copies that complete with the thread's next committed group when `async`
+// (src 16-byte aligned, n_valid >= 1); synchronously otherwise.
+template <class T, int D, int kRows>
+__device__ __forceinline__ void load_rows_async(T* dst, const Rows<T>& src, int64_t j0, int n_valid, bool async) {
+  constexpr int kVec = 16 / sizeof(T);
+  constexpr int kPerRow = D / kVec;
+  if (!async) {
+    load_rows<T, D, kRows>(dst, src, j0, n_valid);
+    return;
+  }
+#pragma unroll
+  for (int it = 0; it < kRows * kPerRow / kThreads; ++it) {
+    const int idx = threadIdx.x + it * kThreads;
+    const int r = idx / kPerRow, c = (idx % kPerRow) * kVec;
+    const bool valid = r < n_valid;
+    cp_async_16(dst + r * D + c, (valid ? src.row(j0 + r) : src.row(j0)) + c, valid);
   }
 }
 

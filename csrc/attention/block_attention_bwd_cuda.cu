@@ -12,7 +12,8 @@
 //        dq_accum += scale dS K                              (fp32 atomics)
 //      then writes scale dK and dV.
 //   3. dq = dq_accum in the input dtype.
-// Correctness first, like the forward: plain global -> shared loads, no pipelining.
+// Q and dO tiles are double-buffered: cp.async copies pair t + 1 while pair t is computed (16-byte aligned
+// rows; others load synchronously).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -31,14 +32,14 @@ using namespace attention_cuda;
 
 template <class T, int D>
 struct BwdSmem {
-  T q[kBQ * D];     // [BQ, D]
-  T dout[kBQ * D];  // [BQ, D]
-  T k[kBK * D];     // [BK, D]
-  T v[kBK * D];     // [BK, D]
-  T p[kBQ * kBK];   // [BQ, BK] probabilities
-  T ds[kBQ * kBK];  // [BQ, BK] d scores (unscaled)
-  float lse[kBQ];   // log2 units; -inf where the row sees no key or lies past the tile
-  float delta[kBQ];
+  T q[2 * kBQ * D];     // [2][BQ, D]: the query tile in use and the next one in flight
+  T dout[2 * kBQ * D];  // [2][BQ, D]
+  T k[kBK * D];         // [BK, D]
+  T v[kBK * D];         // [BK, D]
+  T p[kBQ * kBK];       // [BQ, BK] probabilities
+  T ds[kBQ * kBK];      // [BQ, BK] d scores (unscaled)
+  float lse[2][kBQ];    // log2 units; -inf where the row sees no key or lies past the tile
+  float delta[2][kBQ];
 };
 
 __device__ __forceinline__ float to_float(cutlass::bfloat16_t x) { return static_cast<float>(x); }
@@ -92,24 +93,20 @@ __global__ void __launch_bounds__(kThreads) block_attention_bwd_kernel(const Blo
   using BQ = Int<kBQ>;
   using BK = Int<kBK>;
   using DD = Int<D>;
-  Tensor sQ = make_tensor(make_smem_ptr(sm.q), row_major(BQ{}, DD{}));       // (q, d)
-  Tensor sdO = make_tensor(make_smem_ptr(sm.dout), row_major(BQ{}, DD{}));   // (q, d)
+  const auto q_layout = row_major(BQ{}, DD{});    // (q, d) of Q and dO
+  const auto qt_layout = col_major(DD{}, BQ{});   // (d, q) views of Q and dO
   Tensor sK = make_tensor(make_smem_ptr(sm.k), row_major(BK{}, DD{}));       // (k, d)
   Tensor sV = make_tensor(make_smem_ptr(sm.v), row_major(BK{}, DD{}));       // (k, d)
   Tensor sdS = make_tensor(make_smem_ptr(sm.ds), row_major(BQ{}, BK{}));     // (q, k)
   Tensor sPt = make_tensor(make_smem_ptr(sm.p), col_major(BK{}, BQ{}));      // (k, q) view of P [q, k]
   Tensor sdSt = make_tensor(make_smem_ptr(sm.ds), col_major(BK{}, BQ{}));    // (k, q) view of dS
-  Tensor sdOt = make_tensor(make_smem_ptr(sm.dout), col_major(DD{}, BQ{}));  // (d, q) view of dO
-  Tensor sQt = make_tensor(make_smem_ptr(sm.q), col_major(DD{}, BQ{}));      // (d, q) view of Q
   Tensor sKt = make_tensor(make_smem_ptr(sm.k), col_major(DD{}, BK{}));      // (d, k) view of K
 
   // S = Q K^T and dP = dO V^T: (q, k) accumulators with one partitioning, so P and dP match element-wise.
-  Tensor tSsQ = thr.partition_A(sQ);
-  Tensor tSrQ = thr.partition_fragment_A(sQ);
+  Tensor tSrQ = thr.partition_fragment_A(make_tensor(make_smem_ptr(sm.q), q_layout));
   Tensor tSsK = thr.partition_B(sK);
   Tensor tSrK = thr.partition_fragment_B(sK);
-  Tensor tSsdO = thr.partition_A(sdO);
-  Tensor tSrdO = thr.partition_fragment_A(sdO);
+  Tensor tSrdO = thr.partition_fragment_A(make_tensor(make_smem_ptr(sm.dout), q_layout));
   Tensor tSsV = thr.partition_B(sV);
   Tensor tSrV = thr.partition_fragment_B(sV);
   Tensor tSrS = partition_fragment_C(mma, Shape<BQ, BK>{});
@@ -120,10 +117,8 @@ __global__ void __launch_bounds__(kThreads) block_attention_bwd_kernel(const Blo
   Tensor tKrPt = thr.partition_fragment_A(sPt);
   Tensor tKsdSt = thr.partition_A(sdSt);
   Tensor tKrdSt = thr.partition_fragment_A(sdSt);
-  Tensor tKsdOt = thr.partition_B(sdOt);
-  Tensor tKrdOt = thr.partition_fragment_B(sdOt);
-  Tensor tKsQt = thr.partition_B(sQt);
-  Tensor tKrQt = thr.partition_fragment_B(sQt);
+  Tensor tKrdOt = thr.partition_fragment_B(make_tensor(make_smem_ptr(sm.dout), qt_layout));
+  Tensor tKrQt = thr.partition_fragment_B(make_tensor(make_smem_ptr(sm.q), qt_layout));
   Tensor tKrdV = partition_fragment_C(mma, Shape<BK, DD>{});
   Tensor tKrdK = partition_fragment_C(mma, Shape<BK, DD>{});
   Tensor tKcK = thr.partition_C(make_identity_tensor(Shape<BK, DD>{}));
@@ -137,72 +132,108 @@ __global__ void __launch_bounds__(kThreads) block_attention_bwd_kernel(const Blo
   clear(tKrdV);
   clear(tKrdK);
 
+  // The (query head of the group, query tile) pairs that see this key tile, in order, skipping tiles the
+  // mask removes; pair t + 1's Q and dO are copied in while pair t is computed.
   const float scale_log2 = p.softmax_scale * kLog2e;
   const RowRange queries = query_range(dm, k0, k0 + nk);
-  for (int64_t g = 0; g < group; ++g) {
-    const int64_t h = hk * group + g;
-    for (int64_t q0 = (queries.begin / kBQ) * kBQ; q0 < queries.end; q0 += kBQ) {
-      const int nq = static_cast<int>(min_i64(kBQ, dm.len_q - q0));
-      const TileKind kind = classify_tile(dm, q0, q0 + nq, k0, k0 + nk);
-      if (kind == TileKind::kSkip) continue;
-      __syncthreads();  // the previous tile is consumed
-      const T* q = static_cast<const T*>(p.q) + (cq + q0) * p.q_row_stride + h * p.q_head_stride;
-      const T* dout = static_cast<const T*>(bp.dout) + ((cq + q0) * p.heads_q + h) * D;
-      load_rows<T, D, kBQ>(sm.q, packed_rows(q, p.q_row_stride), 0, nq);
-      load_rows<T, D, kBQ>(sm.dout, packed_rows(dout, p.heads_q * D), 0, nq);
-      for (int r = threadIdx.x; r < kBQ; r += kThreads) {
-        const int64_t row = (cq + q0 + r) * p.heads_q + h;
-        sm.lse[r] = r < nq ? p.lse[row] * kLog2e : kNegInf;
-        sm.delta[r] = r < nq ? delta[row] : 0.0f;
-      }
-      __syncthreads();
-
-      clear(tSrS);
-      clear(tSrdP);
-      CUTE_UNROLL
-      for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
-        copy(tSsQ(_, _, kb), tSrQ(_, _, kb));
-        copy(tSsK(_, _, kb), tSrK(_, _, kb));
-        gemm(mma, tSrQ(_, _, kb), tSrK(_, _, kb), tSrS);
-        copy(tSsdO(_, _, kb), tSrdO(_, _, kb));
-        copy(tSsV(_, _, kb), tSrV(_, _, kb));
-        gemm(mma, tSrdO(_, _, kb), tSrV(_, _, kb), tSrdP);
-      }
-      CUTE_UNROLL
-      for (int i = 0; i < size(tSrS); ++i) {
-        const int r = get<0>(tScS(i)), j = get<1>(tScS(i));
-        const float lse = sm.lse[r];
-        const bool keep = lse != kNegInf && j < nk && (kind == TileKind::kFull || mask_keep(dm, q0 + r, k0 + j));
-        const float pr = keep ? exp2f(tSrS(i) * scale_log2 - lse) : 0.0f;
-        sm.p[r * kBK + j] = T(pr);
-        sm.ds[r * kBK + j] = T(pr * (tSrdP(i) - sm.delta[r]));
-      }
-      __syncthreads();
-
-      clear(tQrdQ);
-      CUTE_UNROLL
-      for (int kb = 0; kb < size<2>(tKrPt); ++kb) {
-        copy(tKsPt(_, _, kb), tKrPt(_, _, kb));
-        copy(tKsdOt(_, _, kb), tKrdOt(_, _, kb));
-        gemm(mma, tKrPt(_, _, kb), tKrdOt(_, _, kb), tKrdV);
-        copy(tKsdSt(_, _, kb), tKrdSt(_, _, kb));
-        copy(tKsQt(_, _, kb), tKrQt(_, _, kb));
-        gemm(mma, tKrdSt(_, _, kb), tKrQt(_, _, kb), tKrdK);
-      }
-      CUTE_UNROLL
-      for (int kb = 0; kb < size<2>(tQrdS); ++kb) {
-        copy(tQsdS(_, _, kb), tQrdS(_, _, kb));
-        copy(tQsKt(_, _, kb), tQrKt(_, _, kb));
-        gemm(mma, tQrdS(_, _, kb), tQrKt(_, _, kb), tQrdQ);
-      }
-      float* dq = dq_accum + ((cq + q0) * p.heads_q + h) * D;
-      CUTE_UNROLL
-      for (int i = 0; i < size(tQrdQ); ++i) {
-        const int r = get<0>(tQcQ(i)), d = get<1>(tQcQ(i));
-        if (r < nq) atomicAdd(dq + static_cast<int64_t>(r) * p.heads_q * D + d, p.softmax_scale * tQrdQ(i));
-      }
+  const int64_t q_first = (queries.begin / kBQ) * kBQ;
+  struct Item {
+    int64_t g, q0;
+  };
+  const auto kept_item_from = [&](int64_t g, int64_t q0) {
+    for (; g < group; ++g, q0 = q_first)
+      for (; q0 < queries.end; q0 += kBQ)
+        if (classify_tile(dm, q0, q0 + min_i64(kBQ, dm.len_q - q0), k0, k0 + nk) != TileKind::kSkip)
+          return Item{g, q0};
+    return Item{group, 0};
+  };
+  const auto start_item = [&](int buf, Item it) {
+    constexpr int kVec = 16 / sizeof(T);
+    const int64_t h = hk * group + it.g;
+    const int nq = static_cast<int>(min_i64(kBQ, dm.len_q - it.q0));
+    const T* q = static_cast<const T*>(p.q) + (cq + it.q0) * p.q_row_stride + h * p.q_head_stride;
+    const T* dout = static_cast<const T*>(bp.dout) + ((cq + it.q0) * p.heads_q + h) * D;
+    const Rows<T> q_rows = packed_rows(q, p.q_row_stride), dout_rows = packed_rows(dout, p.heads_q * D);
+    const bool async = q_rows.aligned16(kVec) && dout_rows.aligned16(kVec);
+    load_rows_async<T, D, kBQ>(sm.q + buf * kBQ * D, q_rows, 0, nq, async);
+    load_rows_async<T, D, kBQ>(sm.dout + buf * kBQ * D, dout_rows, 0, nq, async);
+    for (int r = threadIdx.x; r < kBQ; r += kThreads) {
+      const int64_t row = (cq + it.q0 + r) * p.heads_q + h;
+      sm.lse[buf][r] = r < nq ? p.lse[row] * kLog2e : kNegInf;
+      sm.delta[buf][r] = r < nq ? delta[row] : 0.0f;
     }
+  };
+  Item cur = kept_item_from(0, q_first);
+  if (cur.g < group) start_item(0, cur);
+  cp_async_commit();
+  for (int buf = 0; cur.g < group; buf ^= 1) {
+    const Item next = kept_item_from(cur.g, cur.q0 + kBQ);
+    if (next.g < group) {
+      start_item(buf ^ 1, next);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // this pair's Q, dO, lse and delta (and K, V) in shared memory for every thread
+
+    const int64_t h = hk * group + cur.g, q0 = cur.q0;
+    const int nq = static_cast<int>(min_i64(kBQ, dm.len_q - q0));
+    const TileKind kind = classify_tile(dm, q0, q0 + nq, k0, k0 + nk);
+    const float* lse = sm.lse[buf];
+    const float* dlt = sm.delta[buf];
+    Tensor tSsQ = thr.partition_A(make_tensor(make_smem_ptr(sm.q + buf * kBQ * D), q_layout));
+    Tensor tSsdO = thr.partition_A(make_tensor(make_smem_ptr(sm.dout + buf * kBQ * D), q_layout));
+    Tensor tKsdOt = thr.partition_B(make_tensor(make_smem_ptr(sm.dout + buf * kBQ * D), qt_layout));
+    Tensor tKsQt = thr.partition_B(make_tensor(make_smem_ptr(sm.q + buf * kBQ * D), qt_layout));
+
+    clear(tSrS);
+    clear(tSrdP);
+    CUTE_UNROLL
+    for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
+      copy(tSsQ(_, _, kb), tSrQ(_, _, kb));
+      copy(tSsK(_, _, kb), tSrK(_, _, kb));
+      gemm(mma, tSrQ(_, _, kb), tSrK(_, _, kb), tSrS);
+      copy(tSsdO(_, _, kb), tSrdO(_, _, kb));
+      copy(tSsV(_, _, kb), tSrV(_, _, kb));
+      gemm(mma, tSrdO(_, _, kb), tSrV(_, _, kb), tSrdP);
+    }
+    CUTE_UNROLL
+    for (int i = 0; i < size(tSrS); ++i) {
+      const int r = get<0>(tScS(i)), j = get<1>(tScS(i));
+      const bool keep = lse[r] != kNegInf && j < nk && (kind == TileKind::kFull || mask_keep(dm, q0 + r, k0 + j));
+      const float pr = keep ? exp2f(tSrS(i) * scale_log2 - lse[r]) : 0.0f;
+      sm.p[r * kBK + j] = T(pr);
+      sm.ds[r * kBK + j] = T(pr * (tSrdP(i) - dlt[r]));
+    }
+    __syncthreads();
+
+    clear(tQrdQ);
+    CUTE_UNROLL
+    for (int kb = 0; kb < size<2>(tKrPt); ++kb) {
+      copy(tKsPt(_, _, kb), tKrPt(_, _, kb));
+      copy(tKsdOt(_, _, kb), tKrdOt(_, _, kb));
+      gemm(mma, tKrPt(_, _, kb), tKrdOt(_, _, kb), tKrdV);
+      copy(tKsdSt(_, _, kb), tKrdSt(_, _, kb));
+      copy(tKsQt(_, _, kb), tKrQt(_, _, kb));
+      gemm(mma, tKrdSt(_, _, kb), tKrQt(_, _, kb), tKrdK);
+    }
+    CUTE_UNROLL
+    for (int kb = 0; kb < size<2>(tQrdS); ++kb) {
+      copy(tQsdS(_, _, kb), tQrdS(_, _, kb));
+      copy(tQsKt(_, _, kb), tQrKt(_, _, kb));
+      gemm(mma, tQrdS(_, _, kb), tQrKt(_, _, kb), tQrdQ);
+    }
+    float* dq = dq_accum + ((cq + q0) * p.heads_q + h) * D;
+    CUTE_UNROLL
+    for (int i = 0; i < size(tQrdQ); ++i) {
+      const int r = get<0>(tQcQ(i)), d = get<1>(tQcQ(i));
+      if (r < nq) atomicAdd(dq + static_cast<int64_t>(r) * p.heads_q * D + d, p.softmax_scale * tQrdQ(i));
+    }
+    __syncthreads();  // this pair's buffers, P and dS are consumed before they are written again
+    cur = next;
   }
+  cp_async_wait<0>();
 
   T* dk = static_cast<T*>(bp.dk) + ((ck + k0) * p.heads_kv + hk) * D;
   T* dv = static_cast<T*>(bp.dv) + ((ck + k0) * p.heads_kv + hk) * D;

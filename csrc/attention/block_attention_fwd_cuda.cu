@@ -9,8 +9,9 @@
 // The decode form runs the same kernel with another view of the documents (DecodeDocs): the current block's
 // queries against the sequence's cache rows [0, cache_seqlens[b]) followed by its own Lb keys, read in place
 // from the cache and from k_new / v_new, with no mask inside (one block spanning the whole key range).
-// Correctness first: plain global->shared loads and shared-memory softmax; cp.async pipelining,
-// swizzled layouts, register-resident softmax and the Hopper (wgmma + TMA) path are left for tuning.
+// Key and value tiles are double-buffered: cp.async copies tile t + 1 while tile t is computed (16-byte
+// aligned rows; others load synchronously). Swizzled layouts, register-resident softmax and the Hopper
+// (wgmma + TMA) path are left for tuning.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -30,8 +31,8 @@ using namespace attention_cuda;
 template <class T, int D>
 struct Smem {
   T q[kBQ * D];      // [BQ, D]
-  T k[kBK * D];      // [BK, D]
-  T v[kBK * D];      // [BK, D]
+  T k[2 * kBK * D];  // [2][BK, D]: the tile in use and the next one in flight
+  T v[2 * kBK * D];  // [2][BK, D]
   T p[kBQ * kBK];    // [BQ, BK] probabilities
   float s[kBQ * kBK];  // [BQ, BK] scores in log2 units, -inf where masked
   float alpha[kBQ];  // rescale of each output row for the current tile
@@ -116,25 +117,24 @@ __global__ void __launch_bounds__(kThreads) block_attention_fwd_kernel(const Fwd
   const int nq = static_cast<int>(min_i64(kBQ, dm.len_q - q0));
 
   const T* q = static_cast<const T*>(p.q) + (cq + q0) * p.q_row_stride + h * p.q_head_stride;
-  load_rows<T, D, kBQ>(sm.q, packed_rows(q, p.q_row_stride), 0, nq);
+  const Rows<T> q_rows = packed_rows(q, p.q_row_stride);
+  constexpr int kVec = 16 / sizeof(T);
+  const bool async = q_rows.aligned16(kVec) && doc.k.aligned16(kVec) && doc.v.aligned16(kVec);
 
   using TiledMma = TiledMMA<MMA_Atom<typename MmaAtomFor<T>::type>, Layout<Shape<_4, _1, _1>>>;
   TiledMma mma;
   auto thr = mma.get_slice(threadIdx.x);
-  Tensor sQ = make_tensor(make_smem_ptr(sm.q), make_layout(make_shape(Int<kBQ>{}, Int<D>{}), LayoutRight{}));
-  Tensor sK = make_tensor(make_smem_ptr(sm.k), make_layout(make_shape(Int<kBK>{}, Int<D>{}), LayoutRight{}));
-  Tensor sP = make_tensor(make_smem_ptr(sm.p), make_layout(make_shape(Int<kBQ>{}, Int<kBK>{}), LayoutRight{}));
+  const auto k_layout = make_layout(make_shape(Int<kBK>{}, Int<D>{}), LayoutRight{});
   // V [BK, D] read as the (n = D, k = BK) operand of O = P V.
-  Tensor sVt = make_tensor(make_smem_ptr(sm.v), make_layout(make_shape(Int<D>{}, Int<kBK>{}),
-                                                            make_stride(Int<1>{}, Int<D>{})));
+  const auto vt_layout = make_layout(make_shape(Int<D>{}, Int<kBK>{}), make_stride(Int<1>{}, Int<D>{}));
+  Tensor sQ = make_tensor(make_smem_ptr(sm.q), make_layout(make_shape(Int<kBQ>{}, Int<D>{}), LayoutRight{}));
+  Tensor sP = make_tensor(make_smem_ptr(sm.p), make_layout(make_shape(Int<kBQ>{}, Int<kBK>{}), LayoutRight{}));
   Tensor tSsQ = thr.partition_A(sQ);
   Tensor tSrQ = thr.partition_fragment_A(sQ);
-  Tensor tSsK = thr.partition_B(sK);
-  Tensor tSrK = thr.partition_fragment_B(sK);
+  Tensor tSrK = thr.partition_fragment_B(make_tensor(make_smem_ptr(sm.k), k_layout));
   Tensor tOsP = thr.partition_A(sP);
   Tensor tOrP = thr.partition_fragment_A(sP);
-  Tensor tOsV = thr.partition_B(sVt);
-  Tensor tOrV = thr.partition_fragment_B(sVt);
+  Tensor tOrV = thr.partition_fragment_B(make_tensor(make_smem_ptr(sm.v), vt_layout));
   Tensor tSrS = partition_fragment_C(mma, Shape<Int<kBQ>, Int<kBK>>{});  // fp32
   Tensor tOrO = partition_fragment_C(mma, Shape<Int<kBQ>, Int<D>>{});    // fp32
   Tensor tScS = thr.partition_C(make_identity_tensor(Shape<Int<kBQ>, Int<kBK>>{}));
@@ -146,16 +146,37 @@ __global__ void __launch_bounds__(kThreads) block_attention_fwd_kernel(const Fwd
   const int col0 = (threadIdx.x % 2) * (kBK / 2);  // half of its columns each
   float m_run = kNegInf, l_run = 0.0f;
 
+  // Key tiles in order, skipping those the mask removes; tile t + 1 is copied in while tile t is computed.
   const RowRange keys = key_range(dm, q0, q0 + nq);
-  for (int64_t k0 = (keys.begin / kBK) * kBK; k0 < keys.end; k0 += kBK) {
+  const auto kept_tile_from = [&](int64_t k0) {
+    for (; k0 < keys.end; k0 += kBK)
+      if (classify_tile(dm, q0, q0 + nq, k0, k0 + min_i64(kBK, dm.len_k - k0)) != TileKind::kSkip) break;
+    return k0;
+  };
+  const auto start_tile = [&](int buf, int64_t k0) {
+    const int nk = static_cast<int>(min_i64(kBK, dm.len_k - k0));
+    load_rows_async<T, D, kBK>(sm.k + buf * kBK * D, doc.k, k0, nk, async);
+    load_rows_async<T, D, kBK>(sm.v + buf * kBK * D, doc.v, k0, nk, async);
+  };
+  load_rows_async<T, D, kBQ>(sm.q, q_rows, 0, nq, async);
+  int64_t k0 = kept_tile_from((keys.begin / kBK) * kBK);
+  if (k0 < keys.end) start_tile(0, k0);
+  cp_async_commit();
+  for (int buf = 0; k0 < keys.end; buf ^= 1) {
+    const int64_t k_next = kept_tile_from(k0 + kBK);
+    if (k_next < keys.end) {
+      start_tile(buf ^ 1, k_next);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();  // tile k0 (and Q) in shared memory for every thread
+
     const int nk = static_cast<int>(min_i64(kBK, dm.len_k - k0));
     const TileKind kind = classify_tile(dm, q0, q0 + nq, k0, k0 + nk);
-    if (kind == TileKind::kSkip) continue;
-    __syncthreads();  // the previous tile is consumed
-    load_rows<T, D, kBK>(sm.k, doc.k, k0, nk);
-    load_rows<T, D, kBK>(sm.v, doc.v, k0, nk);
-    __syncthreads();
-
+    Tensor tSsK = thr.partition_B(make_tensor(make_smem_ptr(sm.k + buf * kBK * D), k_layout));
+    Tensor tOsV = thr.partition_B(make_tensor(make_smem_ptr(sm.v + buf * kBK * D), vt_layout));
     clear(tSrS);
     CUTE_UNROLL
     for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
@@ -197,7 +218,10 @@ __global__ void __launch_bounds__(kThreads) block_attention_fwd_kernel(const Fwd
       copy(tOsV(_, _, kb), tOrV(_, _, kb));
       gemm(mma, tOrP(_, _, kb), tOrV(_, _, kb), tOrO);
     }
+    __syncthreads();  // tile k0's buffers, the scores and P are consumed before they are written again
+    k0 = k_next;
   }
+  cp_async_wait<0>();
 
   if (col0 == 0) {
     sm.l[row] = l_run;
