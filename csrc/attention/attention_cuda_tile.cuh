@@ -19,6 +19,7 @@ constexpr int kThreads = 128;  // 4 warps, each 16 rows of the MMA
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2 = 0.69314718055994531f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr int kPad = 8;  // elements (16 bytes) added to a shared-memory row so that rows start in other banks
 
 template <class T>
 struct MmaAtomFor;
@@ -56,9 +57,10 @@ __device__ __forceinline__ Rows<T> packed_rows(const T* base, int64_t stride) {
   return Rows<T>{base, stride, INT64_MAX, nullptr, 0};
 }
 
-// dst [kRows, D] row-major in shared memory = rows j0 .. j0 + n_valid - 1 of src, zeros after. The aligned
-// path issues all of a thread's 16-byte loads before its first store, so they are in flight together.
-template <class T, int D, int kRows>
+// dst [kRows, D] in shared memory, rows kPitch elements apart (a multiple of 8 elements) = rows
+// j0 .. j0 + n_valid - 1 of src, zeros after. The aligned path issues all of a thread's 16-byte loads
+// before its first store, so they are in flight together.
+template <class T, int D, int kRows, int kPitch = D>
 __device__ __forceinline__ void load_rows(T* dst, const Rows<T>& src, int64_t j0, int n_valid) {
   constexpr int kVec = 16 / sizeof(T);
   constexpr int kPerRow = D / kVec;
@@ -75,12 +77,12 @@ __device__ __forceinline__ void load_rows(T* dst, const Rows<T>& src, int64_t j0
 #pragma unroll
     for (int it = 0; it < kIters; ++it) {
       const int idx = threadIdx.x + it * kThreads;
-      *reinterpret_cast<uint4*>(dst + (idx / kPerRow) * D + (idx % kPerRow) * kVec) = val[it];
+      *reinterpret_cast<uint4*>(dst + (idx / kPerRow) * kPitch + (idx % kPerRow) * kVec) = val[it];
     }
   } else {
     for (int idx = threadIdx.x; idx < kRows * D; idx += kThreads) {
       const int r = idx / D, c = idx % D;
-      dst[idx] = r < n_valid ? src.row(j0 + r)[c] : T(0.0f);
+      dst[r * kPitch + c] = r < n_valid ? src.row(j0 + r)[c] : T(0.0f);
     }
   }
 }
@@ -101,12 +103,13 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // As load_rows, as cp.async copies that complete with the thread's next committed group when `async`
 // (src 16-byte aligned, n_valid >= 1); synchronously otherwise.
-template <class T, int D, int kRows>
+template <class T, int D, int kRows, int kPitch = D>
 __device__ __forceinline__ void load_rows_async(T* dst, const Rows<T>& src, int64_t j0, int n_valid, bool async) {
   constexpr int kVec = 16 / sizeof(T);
   constexpr int kPerRow = D / kVec;
+  static_assert(kPitch % kVec == 0, "16-byte aligned rows");
   if (!async) {
-    load_rows<T, D, kRows>(dst, src, j0, n_valid);
+    load_rows<T, D, kRows, kPitch>(dst, src, j0, n_valid);
     return;
   }
 #pragma unroll
@@ -114,7 +117,7 @@ __device__ __forceinline__ void load_rows_async(T* dst, const Rows<T>& src, int6
     const int idx = threadIdx.x + it * kThreads;
     const int r = idx / kPerRow, c = (idx % kPerRow) * kVec;
     const bool valid = r < n_valid;
-    cp_async_16(dst + r * D + c, (valid ? src.row(j0 + r) : src.row(j0)) + c, valid);
+    cp_async_16(dst + r * kPitch + c, (valid ? src.row(j0 + r) : src.row(j0)) + c, valid);
   }
 }
 

@@ -4,14 +4,14 @@
 // One thread block (4 warps) is one (sequence, query tile of 64 rows, query head). It walks the key
 // tiles of its sequence with the shared tile classification (attention/block_mask.h): tiles the mask
 // removes are skipped, full tiles are computed without evaluating the mask. Per key tile:
-//   S = Q K^T on tensor cores -> masked, scaled scores in shared memory -> online softmax by rows
-//   (2 threads a row) -> P (bf16/fp16) in shared memory -> O = alpha O + P V on tensor cores.
+//   S = Q K^T on tensor cores -> masked, scaled scores and the online softmax in registers (each row
+//   held by a quad of lanes) -> P (bf16/fp16) in shared memory -> O = alpha O + P V on tensor cores.
 // The decode form runs the same kernel with another view of the documents (DecodeDocs): the current block's
 // queries against the sequence's cache rows [0, cache_seqlens[b]) followed by its own Lb keys, read in place
 // from the cache and from k_new / v_new, with no mask inside (one block spanning the whole key range).
 // Key and value tiles are double-buffered: cp.async copies tile t + 1 while tile t is computed (16-byte
-// aligned rows; others load synchronously). Swizzled layouts, register-resident softmax and the Hopper
-// (wgmma + TMA) path are left for tuning.
+// aligned rows; others load synchronously). ldmatrix operand loads and the Hopper (wgmma + TMA) path are
+// left for tuning.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -28,16 +28,27 @@ namespace {
 using namespace cute;
 using namespace attention_cuda;
 
+// Rows of Q, K, V and P are padded by kPad elements: the MMA operand reads of a warp then fall in 32
+// different banks instead of 4.
 template <class T, int D>
 struct Smem {
-  T q[kBQ * D];      // [BQ, D]
-  T k[2 * kBK * D];  // [2][BK, D]: the tile in use and the next one in flight
-  T v[2 * kBK * D];  // [2][BK, D]
-  T p[kBQ * kBK];    // [BQ, BK] probabilities
-  float s[kBQ * kBK];  // [BQ, BK] scores in log2 units, -inf where masked
-  float alpha[kBQ];  // rescale of each output row for the current tile
-  float l[kBQ];      // final row sums
+  static constexpr int kPitch = D + kPad;       // of q, k, v rows
+  static constexpr int kPitchP = kBK + kPad;    // of p rows
+  T q[kBQ * kPitch];      // [BQ, D]
+  T k[2 * kBK * kPitch];  // [2][BK, D]: the tile in use and the next one in flight
+  T v[2 * kBK * kPitch];  // [2][BK, D]
+  T p[kBQ * kPitchP];     // [BQ, BK] probabilities
 };
+
+// Reductions over the 4 lanes that hold a row of an SM80 MMA accumulator (lanes 4i .. 4i + 3).
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
 
 // One document as the kernel sees it: its first query row in q / out / lse, its mask, its key and value rows.
 template <class T>
@@ -122,13 +133,16 @@ __global__ void __launch_bounds__(kThreads) block_attention_fwd_kernel(const Fwd
   const bool async = q_rows.aligned16(kVec) && doc.k.aligned16(kVec) && doc.v.aligned16(kVec);
 
   using TiledMma = TiledMMA<MMA_Atom<typename MmaAtomFor<T>::type>, Layout<Shape<_4, _1, _1>>>;
+  using S = Smem<T, D>;
   TiledMma mma;
   auto thr = mma.get_slice(threadIdx.x);
-  const auto k_layout = make_layout(make_shape(Int<kBK>{}, Int<D>{}), LayoutRight{});
+  const auto q_layout = make_layout(make_shape(Int<kBQ>{}, Int<D>{}), make_stride(Int<S::kPitch>{}, Int<1>{}));
+  const auto k_layout = make_layout(make_shape(Int<kBK>{}, Int<D>{}), make_stride(Int<S::kPitch>{}, Int<1>{}));
   // V [BK, D] read as the (n = D, k = BK) operand of O = P V.
-  const auto vt_layout = make_layout(make_shape(Int<D>{}, Int<kBK>{}), make_stride(Int<1>{}, Int<D>{}));
-  Tensor sQ = make_tensor(make_smem_ptr(sm.q), make_layout(make_shape(Int<kBQ>{}, Int<D>{}), LayoutRight{}));
-  Tensor sP = make_tensor(make_smem_ptr(sm.p), make_layout(make_shape(Int<kBQ>{}, Int<kBK>{}), LayoutRight{}));
+  const auto vt_layout = make_layout(make_shape(Int<D>{}, Int<kBK>{}), make_stride(Int<1>{}, Int<S::kPitch>{}));
+  const auto p_layout = make_layout(make_shape(Int<kBQ>{}, Int<kBK>{}), make_stride(Int<S::kPitchP>{}, Int<1>{}));
+  Tensor sQ = make_tensor(make_smem_ptr(sm.q), q_layout);
+  Tensor sP = make_tensor(make_smem_ptr(sm.p), p_layout);
   Tensor tSsQ = thr.partition_A(sQ);
   Tensor tSrQ = thr.partition_fragment_A(sQ);
   Tensor tSrK = thr.partition_fragment_B(make_tensor(make_smem_ptr(sm.k), k_layout));
@@ -141,10 +155,11 @@ __global__ void __launch_bounds__(kThreads) block_attention_fwd_kernel(const Fwd
   Tensor tOcO = thr.partition_C(make_identity_tensor(Shape<Int<kBQ>, Int<D>>{}));
   clear(tOrO);
 
+  // Softmax in registers: a thread's accumulator entries lie on two rows of its warp's 16, row
+  // warp * 16 + lane / 4 (half 0) and 8 rows below (half 1), shared with the other lanes of its quad.
+  const auto half = [](int r) { return (r & 15) >> 3; };
   const float scale_log2 = p.softmax_scale * kLog2e;
-  const int row = threadIdx.x / 2;          // softmax: threads 2r and 2r + 1 own row r,
-  const int col0 = (threadIdx.x % 2) * (kBK / 2);  // half of its columns each
-  float m_run = kNegInf, l_run = 0.0f;
+  float m_run[2] = {kNegInf, kNegInf}, l_run[2] = {0.0f, 0.0f};
 
   // Key tiles in order, skipping those the mask removes; tile t + 1 is copied in while tile t is computed.
   const RowRange keys = key_range(dm, q0, q0 + nq);
@@ -155,10 +170,10 @@ __global__ void __launch_bounds__(kThreads) block_attention_fwd_kernel(const Fwd
   };
   const auto start_tile = [&](int buf, int64_t k0) {
     const int nk = static_cast<int>(min_i64(kBK, dm.len_k - k0));
-    load_rows_async<T, D, kBK>(sm.k + buf * kBK * D, doc.k, k0, nk, async);
-    load_rows_async<T, D, kBK>(sm.v + buf * kBK * D, doc.v, k0, nk, async);
+    load_rows_async<T, D, kBK, S::kPitch>(sm.k + buf * kBK * S::kPitch, doc.k, k0, nk, async);
+    load_rows_async<T, D, kBK, S::kPitch>(sm.v + buf * kBK * S::kPitch, doc.v, k0, nk, async);
   };
-  load_rows_async<T, D, kBQ>(sm.q, q_rows, 0, nq, async);
+  load_rows_async<T, D, kBQ, S::kPitch>(sm.q, q_rows, 0, nq, async);
   int64_t k0 = kept_tile_from((keys.begin / kBK) * kBK);
   if (k0 < keys.end) start_tile(0, k0);
   cp_async_commit();
@@ -175,8 +190,8 @@ __global__ void __launch_bounds__(kThreads) block_attention_fwd_kernel(const Fwd
 
     const int nk = static_cast<int>(min_i64(kBK, dm.len_k - k0));
     const TileKind kind = classify_tile(dm, q0, q0 + nq, k0, k0 + nk);
-    Tensor tSsK = thr.partition_B(make_tensor(make_smem_ptr(sm.k + buf * kBK * D), k_layout));
-    Tensor tOsV = thr.partition_B(make_tensor(make_smem_ptr(sm.v + buf * kBK * D), vt_layout));
+    Tensor tSsK = thr.partition_B(make_tensor(make_smem_ptr(sm.k + buf * kBK * S::kPitch), k_layout));
+    Tensor tOsV = thr.partition_B(make_tensor(make_smem_ptr(sm.v + buf * kBK * S::kPitch), vt_layout));
     clear(tSrS);
     CUTE_UNROLL
     for (int kb = 0; kb < size<2>(tSrQ); ++kb) {
@@ -184,55 +199,65 @@ __global__ void __launch_bounds__(kThreads) block_attention_fwd_kernel(const Fwd
       copy(tSsK(_, _, kb), tSrK(_, _, kb));
       gemm(mma, tSrQ(_, _, kb), tSrK(_, _, kb), tSrS);
     }
+
+    float mx[2] = {kNegInf, kNegInf};
     CUTE_UNROLL
     for (int i = 0; i < size(tSrS); ++i) {
       const int r = get<0>(tScS(i)), j = get<1>(tScS(i));
       const bool keep = r < nq && j < nk && (kind == TileKind::kFull || mask_keep(dm, q0 + r, k0 + j));
-      sm.s[r * kBK + j] = keep ? tSrS(i) * scale_log2 : kNegInf;
+      tSrS(i) = keep ? tSrS(i) * scale_log2 : kNegInf;
+      if (half(r)) mx[1] = fmaxf(mx[1], tSrS(i));
+      else mx[0] = fmaxf(mx[0], tSrS(i));
     }
-    __syncthreads();
-
-    const float* srow = sm.s + row * kBK + col0;
-    float mx = kNegInf;
-    for (int c = 0; c < kBK / 2; ++c) mx = fmaxf(mx, srow[c]);
-    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-    const float m_new = fmaxf(m_run, mx);
-    const float alpha = m_run == kNegInf ? 0.0f : exp2f(m_run - m_new);
-    float sum = 0.0f;
-    for (int c = 0; c < kBK / 2; ++c) {
-      const float pr = srow[c] == kNegInf ? 0.0f : exp2f(srow[c] - m_new);
-      sm.p[row * kBK + col0 + c] = T(pr);
-      sum += pr;
-    }
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    l_run = l_run * alpha + sum;
-    m_run = m_new;
-    if (col0 == 0) sm.alpha[row] = alpha;
-    __syncthreads();
-
+    float m_new[2], alpha[2], sum[2] = {0.0f, 0.0f};
     CUTE_UNROLL
-    for (int i = 0; i < size(tOrO); ++i) tOrO(i) *= sm.alpha[get<0>(tOcO(i))];
+    for (int hh = 0; hh < 2; ++hh) {
+      m_new[hh] = fmaxf(m_run[hh], quad_max(mx[hh]));
+      alpha[hh] = m_run[hh] == kNegInf ? 0.0f : exp2f(m_run[hh] - m_new[hh]);
+    }
+    CUTE_UNROLL
+    for (int i = 0; i < size(tSrS); ++i) {
+      const int r = get<0>(tScS(i)), j = get<1>(tScS(i));
+      const float m = half(r) ? m_new[1] : m_new[0];
+      const float pr = tSrS(i) == kNegInf ? 0.0f : exp2f(tSrS(i) - m);
+      sm.p[r * S::kPitchP + j] = T(pr);
+      if (half(r)) sum[1] += pr;
+      else sum[0] += pr;
+    }
+    CUTE_UNROLL
+    for (int hh = 0; hh < 2; ++hh) {
+      l_run[hh] = l_run[hh] * alpha[hh] + quad_sum(sum[hh]);
+      m_run[hh] = m_new[hh];
+    }
+    CUTE_UNROLL
+    for (int i = 0; i < size(tOrO); ++i) tOrO(i) *= half(get<0>(tOcO(i))) ? alpha[1] : alpha[0];
+    __syncthreads();  // P in shared memory for every thread
+
     CUTE_UNROLL
     for (int kb = 0; kb < size<2>(tOrP); ++kb) {
       copy(tOsP(_, _, kb), tOrP(_, _, kb));
       copy(tOsV(_, _, kb), tOrV(_, _, kb));
       gemm(mma, tOrP(_, _, kb), tOrV(_, _, kb), tOrO);
     }
-    __syncthreads();  // tile k0's buffers, the scores and P are consumed before they are written again
+    __syncthreads();  // tile k0's buffers and P are consumed before they are written again
     k0 = k_next;
   }
   cp_async_wait<0>();
 
-  if (col0 == 0) {
-    sm.l[row] = l_run;
-    if (row < nq) p.lse[(cq + q0 + row) * p.heads_q + h] = l_run > 0.0f ? (m_run + log2f(l_run)) * kLn2 : kNegInf;
+  const int lane = threadIdx.x % 32;
+  if (lane % 4 == 0) {
+    CUTE_UNROLL
+    for (int hh = 0; hh < 2; ++hh) {
+      const int r = (threadIdx.x / 32) * 16 + lane / 4 + hh * 8;
+      if (r < nq)
+        p.lse[(cq + q0 + r) * p.heads_q + h] = l_run[hh] > 0.0f ? (m_run[hh] + log2f(l_run[hh])) * kLn2 : kNegInf;
+    }
   }
-  __syncthreads();
   T* out = static_cast<T*>(p.out) + ((cq + q0) * p.heads_q + h) * D;
   CUTE_UNROLL
   for (int i = 0; i < size(tOrO); ++i) {
     const int r = get<0>(tOcO(i)), d = get<1>(tOcO(i));
-    const float l = sm.l[r];
+    const float l = half(r) ? l_run[1] : l_run[0];
     if (r < nq) out[static_cast<int64_t>(r) * p.heads_q * D + d] = T(l > 0.0f ? tOrO(i) / l : 0.0f);
   }
 }
