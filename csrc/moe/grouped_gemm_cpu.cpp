@@ -34,9 +34,8 @@ namespace {
 
 constexpr int64_t kMR = 8;          // rows of a register tile
 constexpr int64_t kNR = 32;         // columns of a register tile and of a packed panel
-constexpr int64_t kStreamRows = 8;  // forward groups up to this many rows stream B unpacked
-constexpr int64_t kLanes = 16;      // K elements per step of the streaming kernel
-static_assert(kStreamRows <= kMR, "a streamed group fills one register tile buffer");
+constexpr int64_t kStreamRows = 16;  // forward groups up to this many rows stream B unpacked
+constexpr int64_t kLanes = 16;       // K elements per step of the streaming kernel
 
 // out[r, j] = sum_kk a[r * a_rs + kk * a_ks] * panel[kk, j] for r < mr, j < kNR.
 LLADA_CPU_MULTIVERSION void tile_kernel(const float* a, int64_t a_rs, int64_t a_ks, int64_t mr, const float* panel,
@@ -78,6 +77,15 @@ __attribute__((always_inline)) inline void load_lanes(const moe::Bf16* src, floa
   std::memcpy(dst, wide, sizeof(wide));
 }
 
+// The sum of kLanes accumulator lanes as a balanced tree: a chain of 16 dependent adds per output would
+// cost as much as streaming its row of B.
+__attribute__((always_inline)) inline float lane_sum(const float* v) {
+  float half[kLanes / 2], quarter[kLanes / 4];
+  for (int64_t l = 0; l < kLanes / 2; ++l) half[l] = v[l] + v[l + kLanes / 2];
+  for (int64_t l = 0; l < kLanes / 4; ++l) quarter[l] = half[l] + half[l + kLanes / 4];
+  return (quarter[0] + quarter[2]) + (quarter[1] + quarter[3]);
+}
+
 // out[r, j] = <a[r, :K], b[j * b_rs, :K]> for r < MR, j < nr: B rows streamed once, MR x kLanes
 // accumulators in registers (MR is a template parameter so that the row loop unrolls).
 template <int64_t MR, typename T>
@@ -97,38 +105,31 @@ __attribute__((always_inline)) inline void stream_rows(const float* a, const T* 
       }
     }
     for (int64_t r = 0; r < MR; ++r) {
-      float sum = 0.0f;
-      for (int64_t l = 0; l < kLanes; ++l) sum += acc[r][l];
+      float sum = lane_sum(acc[r]);
       for (int64_t k2 = kk; k2 < K; ++k2) sum += a[r * K + k2] * moe::to_float(row[k2]);
       out[r * kNR + j] = sum;
     }
   }
 }
 
-template <typename T>
+// stream_rows<mr> for a run-time mr in [1, MR].
+template <int64_t MR, typename T>
 __attribute__((always_inline)) inline void stream_tile(const float* a, int64_t mr, const T* b, int64_t b_rs,
                                                        int64_t nr, int64_t K, float* out) {
-  static_assert(kStreamRows == 8, "one case per row count");
-  switch (mr) {
-    case 1: stream_rows<1>(a, b, b_rs, nr, K, out); break;
-    case 2: stream_rows<2>(a, b, b_rs, nr, K, out); break;
-    case 3: stream_rows<3>(a, b, b_rs, nr, K, out); break;
-    case 4: stream_rows<4>(a, b, b_rs, nr, K, out); break;
-    case 5: stream_rows<5>(a, b, b_rs, nr, K, out); break;
-    case 6: stream_rows<6>(a, b, b_rs, nr, K, out); break;
-    case 7: stream_rows<7>(a, b, b_rs, nr, K, out); break;
-    default: stream_rows<8>(a, b, b_rs, nr, K, out); break;
+  if constexpr (MR > 1) {
+    if (mr < MR) return stream_tile<MR - 1>(a, mr, b, b_rs, nr, K, out);
   }
+  stream_rows<MR>(a, b, b_rs, nr, K, out);
 }
 
 LLADA_CPU_MULTIVERSION void stream_tile_f32(const float* a, int64_t mr, const float* b, int64_t b_rs, int64_t nr,
                                         int64_t K, float* out) {
-  stream_tile(a, mr, b, b_rs, nr, K, out);
+  stream_tile<kStreamRows>(a, mr, b, b_rs, nr, K, out);
 }
 
 LLADA_CPU_MULTIVERSION void stream_tile_bf16(const float* a, int64_t mr, const moe::Bf16* b, int64_t b_rs, int64_t nr,
                                          int64_t K, float* out) {
-  stream_tile(a, mr, b, b_rs, nr, K, out);
+  stream_tile<kStreamRows>(a, mr, b, b_rs, nr, K, out);
 }
 
 #if LLADA_AVX512
@@ -150,29 +151,22 @@ __attribute__((target("avx512f,avx512bw"))) void stream_rows_bf16_avx512(const f
       for (int64_t r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(a + r * K + kk), bv, acc[r]);
     }
     for (int64_t r = 0; r < MR; ++r) {
-      alignas(64) float lanes[kLanes];
-      _mm512_store_ps(lanes, acc[r]);
-      float sum = 0.0f;
-      for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
+      float sum = _mm512_reduce_add_ps(acc[r]);
       for (int64_t k2 = kk; k2 < K; ++k2) sum += a[r * K + k2] * bf16_bits_to_float(row[k2]);
       out[r * kNR + j] = sum;
     }
   }
 }
 
+// stream_rows_bf16_avx512<mr> for a run-time mr in [1, MR].
+template <int64_t MR>
 __attribute__((target("avx512f,avx512bw"))) void stream_tile_bf16_avx512(const float* a, int64_t mr,
                                                                          const moe::Bf16* b, int64_t b_rs,
                                                                          int64_t nr, int64_t K, float* out) {
-  switch (mr) {
-    case 1: stream_rows_bf16_avx512<1>(a, b, b_rs, nr, K, out); break;
-    case 2: stream_rows_bf16_avx512<2>(a, b, b_rs, nr, K, out); break;
-    case 3: stream_rows_bf16_avx512<3>(a, b, b_rs, nr, K, out); break;
-    case 4: stream_rows_bf16_avx512<4>(a, b, b_rs, nr, K, out); break;
-    case 5: stream_rows_bf16_avx512<5>(a, b, b_rs, nr, K, out); break;
-    case 6: stream_rows_bf16_avx512<6>(a, b, b_rs, nr, K, out); break;
-    case 7: stream_rows_bf16_avx512<7>(a, b, b_rs, nr, K, out); break;
-    default: stream_rows_bf16_avx512<8>(a, b, b_rs, nr, K, out); break;
+  if constexpr (MR > 1) {
+    if (mr < MR) return stream_tile_bf16_avx512<MR - 1>(a, mr, b, b_rs, nr, K, out);
   }
+  stream_rows_bf16_avx512<MR>(a, b, b_rs, nr, K, out);
 }
 #endif
 
@@ -185,7 +179,7 @@ inline void stream_tile_any(const float* a, int64_t mr, const moe::Bf16* b, int6
                             float* out) {
 #if LLADA_AVX512
   static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-  if (avx512) return stream_tile_bf16_avx512(a, mr, b, b_rs, nr, K, out);
+  if (avx512) return stream_tile_bf16_avx512<kStreamRows>(a, mr, b, b_rs, nr, K, out);
 #endif
   stream_tile_bf16(a, mr, b, b_rs, nr, K, out);
 }
@@ -239,7 +233,7 @@ void grouped_gemm(const GroupedGemmParams& p) {
   T* c = static_cast<T*>(p.c);                            // [M, N]
 #pragma omp parallel
   {
-    std::vector<float> panel(K * kNR), tile(kMR * kNR);
+    std::vector<float> panel(K * kNR), tile(std::max(kMR, kStreamRows) * kNR);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < p.groups * panels; ++item) {
       const int64_t g = item / panels, n0 = (item % panels) * kNR, nr = std::min(kNR, N - n0);

@@ -146,7 +146,7 @@ def assert_close_to_fp64(out, ref_fn, inputs, *, name="output"):
         assert_close_to_reference(out.float(), ref, ref_fn(*inputs).float(), atol=1e-2, name=name)
 
 
-GEMM_CASES_CPU = [  # (M, N, K, E, empty groups); groups of <= 8 rows take the CPU kernel's streaming path
+GEMM_CASES_CPU = [  # (M, N, K, E, empty groups); groups of <= 16 rows take the CPU kernel's streaming path
     (64, 48, 32, 4, ()), (53, 37, 19, 5, (1, 3)), (40, 33, 65, 3, (0, 2)), (0, 16, 8, 4, (0, 1, 2, 3)),
     (1, 1, 1, 1, ()), (300, 70, 130, 9, (8,)), (30, 40, 37, 10, (4,))]
 GEMM_CASES_CUDA = [
@@ -172,6 +172,17 @@ def test_grouped_gemm_matches_loop(cpu_gemm, device, M, N, K, E, empty, transpos
     out = moe_grouped_gemm(a, b, offsets)
     assert out.dtype == a.dtype
     assert_close_to_fp64(out, moe_grouped_gemm_ref, (a, b, offsets))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_grouped_gemm_every_group_size_around_the_streaming_limit(cpu_gemm, device):
+    sizes = [1, 8, 9, 15, 16, 17, 0, 33]  # the CPU kernel streams groups of up to 16 rows, packs larger ones
+    offsets = torch.tensor([0] + sizes).cumsum(0).to(torch.int32).to(device)
+    g = torch.Generator().manual_seed(21)
+    K = 37 if device == "cpu" else 40
+    a = torch.randn(sum(sizes), K, generator=g).to(GEMM_DTYPE[device]).to(device)
+    b = torch.randn(len(sizes), 40, K, generator=g).to(GEMM_DTYPE[device]).to(device)
+    assert_close_to_fp64(moe_grouped_gemm(a, b, offsets), moe_grouped_gemm_ref, (a, b, offsets))
 
 
 @pytest.mark.parametrize("device,M,N,K,E", per_device([(97, 41, 23, 6)], [(97, 40, 24, 6)]))
