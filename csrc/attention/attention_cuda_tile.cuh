@@ -10,6 +10,8 @@
 #include <cutlass/numeric_types.h>
 #include <limits>
 
+#include "attention/doc_view.h"
+
 namespace llada {
 namespace attention_cuda {
 
@@ -31,31 +33,6 @@ template <>
 struct MmaAtomFor<cutlass::half_t> {
   using type = cute::SM80_16x8x16_F32F16F16F32_TN;
 };
-
-// Rows of one sequence (and head) in global memory: row j at a + j * a_stride for j < split, else at
-// b + (j - split) * b_stride (strides in elements). Packed tensors use the first segment only.
-template <class T>
-struct Rows {
-  const T* a;
-  int64_t a_stride;
-  int64_t split;
-  const T* b;
-  int64_t b_stride;
-
-  __device__ __forceinline__ const T* row(int64_t j) const {
-    return j < split ? a + j * a_stride : b + (j - split) * b_stride;
-  }
-  __device__ __forceinline__ bool aligned16(int vec) const {
-    const bool a_ok = a_stride % vec == 0 && reinterpret_cast<uintptr_t>(a) % 16 == 0;
-    const bool b_ok = b == nullptr || (b_stride % vec == 0 && reinterpret_cast<uintptr_t>(b) % 16 == 0);
-    return a_ok && b_ok;
-  }
-};
-
-template <class T>
-__device__ __forceinline__ Rows<T> packed_rows(const T* base, int64_t stride) {
-  return Rows<T>{base, stride, INT64_MAX, nullptr, 0};
-}
 
 // dst [kRows, D] in shared memory, rows kPitch elements apart (a multiple of 8 elements) = rows
 // j0 .. j0 + n_valid - 1 of src, zeros after. The aligned path issues all of a thread's 16-byte loads

@@ -50,14 +50,6 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
-// One document as the kernel sees it: its first query row in q / out / lse, its mask, its key and value rows.
-template <class T>
-struct Doc {
-  int64_t q_begin;
-  DocMask mask;
-  Rows<T> k, v;
-};
-
 // Everything the kernel reads besides the documents; q, out and lse rows are [rows, heads_q, ...].
 struct FwdArgs {
   const void* q;
@@ -66,50 +58,6 @@ struct FwdArgs {
   float softmax_scale;
   void* out;    // [rows, Hq, D] contiguous
   float* lse;   // [rows, Hq]
-};
-
-// The packed varlen layout of block_attention: documents delimited by cu_seqlens.
-struct PackedDocs {
-  const int32_t* cu_seqlens_q;
-  const int32_t* cu_seqlens_k;
-  const void* k;
-  const void* v;
-  int64_t k_row_stride, k_head_stride, v_row_stride, v_head_stride;
-  AttentionMask mask;
-  int64_t block_size;
-
-  template <class T>
-  __device__ __forceinline__ Doc<T> get(int64_t seq, int64_t hk) const {
-    const int64_t cq = cu_seqlens_q[seq], ck = cu_seqlens_k[seq];
-    const DocMask dm{mask, block_size, cu_seqlens_q[seq + 1] - cq, cu_seqlens_k[seq + 1] - ck};
-    const T* kb = static_cast<const T*>(k) + ck * k_row_stride + hk * k_head_stride;
-    const T* vb = static_cast<const T*>(v) + ck * v_row_stride + hk * v_head_stride;
-    return Doc<T>{cq, dm, packed_rows(kb, k_row_stride), packed_rows(vb, v_row_stride)};
-  }
-};
-
-// The decode form: sequence b's queries are rows b * Lb .. of q; its keys are cache rows [0, len_b) then
-// its Lb new rows, all visible (block_causal with one block as long as the keys).
-struct DecodeDocs {
-  const int32_t* cache_seqlens;  // [B] on the device
-  const void* k_cache;           // [B, Smax, Hkv, D] contiguous
-  const void* v_cache;
-  const void* k_new;             // [B, Lb, Hkv, D] contiguous
-  const void* v_new;
-  int64_t block, capacity, heads_kv, head_dim;  // Lb, Smax, Hkv, D
-
-  template <class T>
-  __device__ __forceinline__ Doc<T> get(int64_t seq, int64_t hk) const {
-    const int64_t cached = cache_seqlens[seq], len_k = cached + block;
-    const DocMask dm{AttentionMask::kBlockCausal, len_k, block, len_k};
-    const int64_t stride = heads_kv * head_dim;
-    const int64_t cache_off = seq * capacity * stride + hk * head_dim, new_off = seq * block * stride + hk * head_dim;
-    const Rows<T> kr{static_cast<const T*>(k_cache) + cache_off, stride, cached,
-                     static_cast<const T*>(k_new) + new_off, stride};
-    const Rows<T> vr{static_cast<const T*>(v_cache) + cache_off, stride, cached,
-                     static_cast<const T*>(v_new) + new_off, stride};
-    return Doc<T>{seq * block, dm, kr, vr};
-  }
 };
 
 template <class T, int D, class Docs>
