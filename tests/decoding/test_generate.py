@@ -1,6 +1,7 @@
 """generate() against an independent statement of the official uncached generate(), and against itself:
 cached equals uncached, a batch equals each prompt alone, for greedy and seeded sampling, over random prompts
-and settings; EOS, early stop, streaming and the official edge cases."""
+and settings; EOS, early stop, streaming and the official edge cases; on a GPU, cached and full block logits
+against fp32 and a batch decoded with and without the cache."""
 import random
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 import llada_engine
 from llada_engine.decoding import min_commit_schedule
+from llada_engine.decoding.kv_cache import KVCache
 from model_testing import tiny_checkpoint
 from official_llada2 import official_generate
 
@@ -129,3 +131,48 @@ def test_bad_arguments(tiny):
         llada_engine.generate(model, [1, 2], gen_length=0)
     with pytest.raises(ValueError, match="mask_id"):
         llada_engine.generate(model, [1, 2], mask_id=1000)
+
+
+def last_block_logits(model, seqs, Lb, *, cached):
+    """Logits [B, Lb, V] (fp32, on the CPU) of each sequence's last block: the full forward, or the block
+    against a KV cache that prefill filled with the sequence's earlier blocks."""
+    device, cfg = model.device, model.config
+    if not cached:
+        ids = torch.cat(seqs).to(device)
+        cu = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0).to(torch.int32).to(device)
+        logits = model(ids, cu, block_size=Lb)                                                  # [T, V]
+        return torch.stack([logits[int(end) - Lb:int(end)] for end in cu[1:]]).float().cpu()
+    cache = KVCache(cfg.num_hidden_layers, len(seqs), max(len(s) for s in seqs), cfg.num_key_value_heads,
+                    cfg.head_dim, model.dtype, device)
+    earlier = [(row, s[:-Lb]) for row, s in enumerate(seqs) if len(s) > Lb]
+    ids = torch.cat([s for _, s in earlier]).to(device)
+    cu = torch.tensor([0] + [len(s) for _, s in earlier]).cumsum(0).to(torch.int32).to(device)
+    model.prefill(ids, cu, cache, torch.tensor([row for row, _ in earlier], device=device), Lb)
+    return model.forward_cached(torch.stack([s[-Lb:] for s in seqs]).to(device), cache).float().cpu()
+
+
+@pytest.mark.gpu
+def test_cuda_cached_and_full_block_logits_track_fp32(tmp_path):
+    # head_dim 64 for the CUDA attention kernels; top-8 of 8 experts so that bf16 noise flips no routing.
+    path, cfg, _ = tiny_checkpoint(tmp_path, seed=14, head_dim=64, num_experts_per_tok=8, topk_group=4)
+    Lb, g = 8, torch.Generator().manual_seed(15)
+    seqs = [torch.randint(0, cfg["vocab_size"] - 2, ((n + 1) * Lb,), generator=g) for n in (0, 1, 4)]
+    want = last_block_logits(llada_engine.load_model(path), seqs, Lb, cached=False)
+    bf16_cpu = last_block_logits(llada_engine.load_model(path, dtype=torch.bfloat16), seqs, Lb, cached=False)
+    bound = 3 * ((bf16_cpu - want).norm() / want.norm()).item() + 1e-3
+    gpu = llada_engine.load_model(path, dtype=torch.bfloat16, device="cuda")
+    for cached in (False, True):
+        got = last_block_logits(gpu, seqs, Lb, cached=cached)
+        assert ((got - want).norm() / want.norm()).item() <= bound, cached
+
+
+@pytest.mark.gpu
+def test_cuda_generate_runs_a_batch_with_and_without_the_cache(tmp_path):
+    path, cfg, _ = tiny_checkpoint(tmp_path, seed=16, head_dim=64)
+    model = llada_engine.load_model(path, dtype=torch.bfloat16, device="cuda")
+    prompts = random_prompts(3, cfg, seed=17)
+    for use_cache in (True, False):
+        out = llada_engine.generate(model, prompts, gen_length=24, block_length=8, steps=8, use_cache=use_cache)
+        assert len(out.sequences) == 3
+        assert all(len(s) <= 24 and all(0 <= t < cfg["vocab_size"] for t in s) for s in out.sequences)
+        assert out.stats.forward_passes > 0
