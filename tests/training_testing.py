@@ -44,7 +44,7 @@ def run_config(tmp: Path, *, init: Path, train: Path, phases: list, valid: Path 
         "model": {"init": str(init)},
         "data": {"train": str(train), "row_length": 64, "batch_rows": 4},
         "optim": {"lr": 3e-3, "warmup_steps": 0, "decay_steps": 0},
-        "run": {"out_dir": str(tmp / "run"), "threads": 1},
+        "run": {"out_dir": str(tmp / "run"), "threads": 1, "device": "cpu"},
         "phases": phases,
     }
     if valid is not None:

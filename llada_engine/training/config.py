@@ -8,7 +8,8 @@
             valid_rows, split_long
     optim:  lr, weight_decay, betas, eps, grad_clip, warmup_steps, decay_steps, min_lr_ratio,
             embedding_noise_std, embedding_noise_steps
-    run:    out_dir, seed, eval_every, save_every, keep_last, valid_t, parallel (ddp | fsdp), threads
+    run:    out_dir, seed, eval_every, save_every, keep_last, valid_t, parallel (ddp | fsdp), threads,
+            device (auto | cuda | cpu)
     phases: a list of {objective, steps, block_size (an int or "full"), lr, t_min, t_max, weighting,
             complementary, mask_band, cap_lambda, beta, name}
 
@@ -27,6 +28,7 @@ from .schedule import OBJECTIVES, WEIGHTINGS, Phase, Schedule
 
 DTYPES = ("float32", "bfloat16")
 PARALLEL = ("ddp", "fsdp")
+DEVICES = ("auto", "cuda", "cpu")
 
 
 @dataclasses.dataclass
@@ -73,6 +75,7 @@ class RunSpec:
     valid_t: Optional[float] = None  # fixed mask ratio for validation (default: the phase's t range)
     parallel: str = "ddp"
     threads: int = 0                # torch threads per process; 0: torch's default
+    device: str = "auto"            # auto (CUDA when there is a GPU) | cuda | cpu
 
 
 @dataclasses.dataclass
@@ -256,6 +259,8 @@ def config_from_dict(raw: dict, *, source: str = "config") -> RunConfig:
             _fail(source, f"data.{key}", f"must be positive, got {getattr(data, key)}")
     if run.parallel not in PARALLEL:
         _fail(source, "run.parallel", f"must be one of {PARALLEL}, got {run.parallel!r}")
+    if run.device not in DEVICES:
+        _fail(source, "run.device", f"must be one of {DEVICES}, got {run.device!r}")
     run.valid_t = _yaml_float(run.valid_t)
     if run.valid_t is not None and (isinstance(run.valid_t, (bool, str)) or not 0.0 < run.valid_t <= 1.0):
         _fail(source, "run.valid_t", f"must be in (0, 1], got {run.valid_t}")

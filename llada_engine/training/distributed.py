@@ -1,7 +1,7 @@
 """Scale-out through torch.distributed only: a process group when torchrun started us, DDP or FSDP2 around
 the model, and the global sum that makes a loss independent of the number of processes.
 
-    env = setup()                          # rank, world size, device (gloo on CPU, nccl on CUDA)
+    env = setup("auto")                    # rank, world size, device (gloo on CPU, nccl on CUDA)
     forward_model = wrap(model, "ddp" | "fsdp", env)
     env.total(count)                       # sum over processes (a new tensor; the identity on one process)
 
@@ -33,9 +33,12 @@ class DistEnv:
         return x
 
 
-def setup() -> DistEnv:
+def setup(device: str = "auto") -> DistEnv:
+    """device: "auto" (CUDA when torch sees a GPU), "cuda" or "cpu"."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available()
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device is cuda, but torch sees no CUDA device")
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
     if cuda:

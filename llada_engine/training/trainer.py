@@ -60,7 +60,10 @@ def tokenizer_file(path: str) -> str:
 class Trainer:
     def __init__(self, config: RunConfig, *, resume: bool = False):
         self.config = config
-        self.env = distributed.setup()
+        self.env = distributed.setup(config.run.device)
+        if self.env.device.type == "cuda" and config.model.dtype == "float32" and config.model.backend == "kernels":
+            raise ValueError("model.dtype float32 on CUDA: the CUDA attention kernels take bfloat16 or float16; "
+                             "set model.dtype: bfloat16 (or run.device: cpu)")
         if config.run.threads:
             torch.set_num_threads(config.run.threads)
         torch.manual_seed(config.run.seed)

@@ -81,6 +81,7 @@ def good():
     (lambda c: c.update(optim={"warmup_steps": 2, "decay_steps": 1}), r"exceed the run's 2 steps"),
     (lambda c: c.update(run={"eval_every": 5}), r"run\.eval_every: needs data\.valid"),
     (lambda c: c.update(run={"parallel": "zero3"}), r"run\.parallel: must be one of"),
+    (lambda c: c.update(run={"device": "gpu"}), r"run\.device: must be one of"),
 ])
 def test_bad_configs_name_the_key(tmp_path, change, message):
     raw = good()

@@ -1,6 +1,7 @@
 """The trainer end to end on a tiny model and corpus: the loss goes down, checkpoints load with load_model and
 generate, kill -9 then --resume ends with the same weights as an uninterrupted run, SFT / DPO / from-scratch
-runs, top-k merging is the mean, and mismatched data is a clear error."""
+runs, top-k merging is the mean, and mismatched data is a clear error; on a GPU, a bf16 run on the CUDA
+kernels learns, and fp32 on CUDA is refused by name."""
 import json
 import os
 import signal
@@ -17,7 +18,9 @@ import llada_engine
 from llada_engine.cli import main as cli_main
 from llada_engine.training import load_config, train
 from llada_engine.training.checkpoint import list_checkpoints
-from training_testing import (dpo_corpus, run_config, sft_corpus, small_checkpoint, text_corpus, write_config)
+from model_testing import tiny_checkpoint
+from training_testing import (SMALL, dpo_corpus, run_config, sft_corpus, small_checkpoint, text_corpus,
+                              write_config)
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +149,18 @@ def test_mismatched_data_and_resume_without_checkpoint(tmp_path, setup):
     rows["data"]["row_length"] = 16
     with pytest.raises(ValueError, match="longer than data.row_length 16"):
         train(load_config(write_config(tmp_path / "r.yaml", rows)))
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_run_learns_and_fp32_is_refused(tmp_path, setup):
+    root, _, corpus, _ = setup
+    ckpt, _, _ = tiny_checkpoint(tmp_path / "ckpt", seed=3, **SMALL, head_dim=64)  # D 64 for the CUDA kernels
+    config = run_config(tmp_path, init=ckpt, train=corpus, phases=[{"objective": "bdlm", "steps": 30, "block_size": 8}],
+                        optim={"lr": 1e-2, "warmup_steps": 3}, model={"dtype": "bfloat16"}, run={"device": "cuda"})
+    train(load_config(write_config(tmp_path / "c.yaml", config)))
+    losses = [r["loss"] for r in metrics(tmp_path / "run") if "loss" in r]
+    assert len(losses) == 30 and sum(losses[-6:]) / 6 < 0.8 * sum(losses[:3]) / 3
+    config["model"]["dtype"] = "float32"
+    config["run"]["out_dir"] = str(tmp_path / "run32")
+    with pytest.raises(ValueError, match="model.dtype float32 on CUDA"):
+        train(load_config(write_config(tmp_path / "c32.yaml", config)))
