@@ -9,7 +9,7 @@
 # Environment: PYTHON (default: python3), LLADA_CUDA_ARCHS (default 90a), MAX_JOBS (default 16),
 # LLADA_WHEELS (default .whl: where an nvidia-cutlass wheel is taken from when the package is missing),
 # LLADA_GPU_CHECK_SECONDS (default 540: the whole run's budget; a step gets what is left of it at most, and
-# a step with less than 10 s left is skipped and counted as failed, so the run fits a 10-minute lease).
+# a step with less than 10 s left is skipped and counted as failed, so the run fits a 10-minute limit).
 set -uo pipefail
 
 dry_run=0
