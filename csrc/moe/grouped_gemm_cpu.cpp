@@ -77,15 +77,6 @@ __attribute__((always_inline)) inline void load_lanes(const moe::Bf16* src, floa
   std::memcpy(dst, wide, sizeof(wide));
 }
 
-// The sum of kLanes accumulator lanes as a balanced tree: a chain of 16 dependent adds per output would
-// cost as much as streaming its row of B.
-__attribute__((always_inline)) inline float lane_sum(const float* v) {
-  float half[kLanes / 2], quarter[kLanes / 4];
-  for (int64_t l = 0; l < kLanes / 2; ++l) half[l] = v[l] + v[l + kLanes / 2];
-  for (int64_t l = 0; l < kLanes / 4; ++l) quarter[l] = half[l] + half[l + kLanes / 4];
-  return (quarter[0] + quarter[2]) + (quarter[1] + quarter[3]);
-}
-
 // out[r, j] = <a[r, :K], b[j * b_rs, :K]> for r < MR, j < nr: B rows streamed once, MR x kLanes
 // accumulators in registers (MR is a template parameter so that the row loop unrolls).
 template <int64_t MR, typename T>
@@ -105,7 +96,8 @@ __attribute__((always_inline)) inline void stream_rows(const float* a, const T* 
       }
     }
     for (int64_t r = 0; r < MR; ++r) {
-      float sum = lane_sum(acc[r]);
+      float sum = 0.0f;
+      for (int64_t l = 0; l < kLanes; ++l) sum += acc[r][l];
       for (int64_t k2 = kk; k2 < K; ++k2) sum += a[r * K + k2] * moe::to_float(row[k2]);
       out[r * kNR + j] = sum;
     }
