@@ -3,18 +3,26 @@ over a boolean mask) and, on a GPU, FlexAttention with the equivalent block mask
 masks bd3 and block_causal, LLaDA2.0 heads (Hq 16, Hkv 4, D 128), packed documents of mixed lengths.
 
     python -m benchmarks.block_attention [--quick] [--tokens 4096 8192 16384] [--dtype float32|bfloat16]
+                                         [--decode-cache 4096]
 
 TFLOP/s count only the work the mask keeps (4 D flops per kept (query, key, head) forward, 2.5x that
 backward); `peak` is the fraction of this machine's measured matmul FLOP/s in the same dtype.
-Prints a table, then one JSON line (last).
+The decode form (block_attention_decode: a block of 32 queries per sequence against a cache of
+--decode-cache rows, batches 1 and 16) is memory-bound: GB/s count the bytes it must move (the cached K and
+V, q, the new K and V, the output once each), `of_bw` is the fraction of the copy bandwidth measured in the
+same run; the peer is SDPA over the cache concatenated with the block's keys (what a cache without an
+in-place decode form does), cache_seqlens given from the CPU (no device synchronisation per call).
+Prints the tables, then one JSON line (last).
 """
 import argparse
 import platform
 
 import torch
 
-from benchmarks.timer import peak_flops, print_json, print_table, time_fn
-from llada_engine.ops import block_attention, block_attention_ref, block_mask_dense
+import torch.nn.functional as F
+
+from benchmarks.timer import peak_bandwidth, peak_flops, print_json, print_table, time_fn
+from llada_engine.ops import block_attention, block_attention_decode, block_attention_ref, block_mask_dense
 
 HEADS_Q, HEADS_KV, HEAD_DIM, BLOCK_SIZE = 16, 4, 128, 32
 
@@ -89,6 +97,8 @@ def bench_case(mask: str, total: int, device: str, dtype: torch.dtype, repeats: 
     impls = {"ours": lambda a, b, c: block_attention(a, b, c, *args, **kw),
              "dense_ref": lambda a, b, c: block_attention_ref(a, b, c, *args, **kw)}
     if device.startswith("cuda"):
+        # "ours" runs the kernel the op picks (the Hopper forward on sm_90); this one the sm_80 forward.
+        impls["ours_flash2"] = lambda a, b, c: block_attention(a, b, c, *args, kernel="flash2", **kw)
         flex = flex_attention_fn(mask, lengths, device)
         if flex is not None:
             impls["flex"] = flex
@@ -101,12 +111,37 @@ def bench_case(mask: str, total: int, device: str, dtype: torch.dtype, repeats: 
     return rows
 
 
+def bench_decode(batch: int, cached: int, device: str, dtype: torch.dtype, repeats: int, bandwidth: float) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device, dtype)
+    q = rand(batch, BLOCK_SIZE, HEADS_Q, HEAD_DIM)                                   # [B, Lb, Hq, D]
+    k_new, v_new = rand(batch, BLOCK_SIZE, HEADS_KV, HEAD_DIM), rand(batch, BLOCK_SIZE, HEADS_KV, HEAD_DIM)
+    k_cache, v_cache = (rand(batch, cached + BLOCK_SIZE, HEADS_KV, HEAD_DIM) for _ in range(2))  # [B, Smax, Hkv, D]
+    lens = torch.full((batch,), cached, dtype=torch.int32)
+    moved = q.element_size() * (2 * batch * cached * HEADS_KV * HEAD_DIM + 2 * q.numel() + 2 * k_new.numel())
+
+    def sdpa_cat():  # [B, H, L, D] views; the cache rows and the block's keys concatenated first
+        keys = torch.cat([k_cache[:, :cached], k_new], 1).transpose(1, 2)
+        values = torch.cat([v_cache[:, :cached], v_new], 1).transpose(1, 2)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, enable_gqa=True).transpose(1, 2)
+    impls = {"ours": lambda: block_attention_decode(q, k_cache, v_cache, lens, k_new, v_new), "sdpa_cat": sdpa_cat}
+    rows = []
+    for name, fn in impls.items():
+        seconds = time_fn(fn, device=device, warmup=1, repeats=repeats)
+        rows.append(dict(impl=name, batch=batch, cached=cached, block=BLOCK_SIZE, ms=seconds * 1e3,
+                         gbps=moved / seconds / 1e9, of_bw=moved / seconds / bandwidth))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one small case, seconds")
     parser.add_argument("--tokens", type=int, nargs="+", help="packed tokens per batch (multiples of 64)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--decode-cache", type=int, help="cached rows per sequence in the decode-form case")
     opts = parser.parse_args()
     dtype = getattr(torch, opts.dtype)
     tokens = opts.tokens or ([2048] if opts.quick else ([4096, 8192, 16384] if opts.device != "cpu" else [4096, 8192]))
@@ -117,16 +152,23 @@ def main() -> None:
         for mask in ("bd3", "block_causal"):
             rows += bench_case(mask, total, opts.device, dtype, repeats, peak)
     print_table(rows)
-    speedup = {}
+    bandwidth = peak_bandwidth(opts.device)
+    cached = opts.decode_cache or (512 if opts.quick else 4096)
+    decode_rows = [r for batch in (1, 16) for r in bench_decode(batch, cached, opts.device, dtype, repeats, bandwidth)]
+    print()
+    print_table(decode_rows)
+    speedup = {"dense_ref": {}, "flex": {}}
     for r in rows:
-        ref = [x for x in rows if x["impl"] == "dense_ref" and all(x[c] == r[c] for c in ("mask", "tokens", "dir"))]
-        if r["impl"] == "ours" and ref:
-            speedup[f"{r['mask']}_{r['tokens']}_{r['dir']}"] = ref[0]["ms"] / r["ms"]
+        for peer, ratios in speedup.items():
+            same = [x for x in rows if x["impl"] == peer and all(x[c] == r[c] for c in ("mask", "tokens", "dir"))]
+            if r["impl"] == "ours" and same:
+                ratios[f"{r['mask']}_{r['tokens']}_{r['dir']}"] = same[0]["ms"] / r["ms"]
     print_json({"benchmark": "block_attention", "device": opts.device,
                 "device_name": torch.cuda.get_device_name() if opts.device.startswith("cuda") else platform.processor(),
                 "threads": torch.get_num_threads(), "dtype": opts.dtype, "peak_tflops": peak / 1e12,
                 "heads_q": HEADS_Q, "heads_kv": HEADS_KV, "head_dim": HEAD_DIM, "block_size": BLOCK_SIZE,
-                "speedup_vs_dense_ref": speedup, "rows": rows})
+                "speedup_vs_dense_ref": speedup["dense_ref"], "speedup_vs_flex": speedup["flex"], "rows": rows,
+                "copy_gbps": bandwidth / 1e9, "decode_rows": decode_rows})
 
 
 if __name__ == "__main__":

@@ -38,8 +38,10 @@ step() {  # step NAME TIMEOUT_S COMMAND...: runs COMMAND with a time limit, logs
   echo "   rc=$rc in $((SECONDS - start)) s (log: $out/$name.log)"
   tail -n 3 "$out/$name.log" | sed 's/^/   | /'
   if [[ $rc -ne 0 ]]; then failures=$((failures + 1)); fi
+  last_rc=$rc
   return 0
 }
+last_rc=0
 
 benchmarks=(commit_tokens block_attention moe decode)
 declare -A gpu_args=(
@@ -65,7 +67,16 @@ else
   # pytest-xdist, where present, runs a crashing test in a worker of its own: the other tests still report.
   xdist=()
   "$PYTHON" -c "import xdist" 2>/dev/null && xdist=(-n 8)
-  step gpu-tests 300 "$PYTHON" -m pytest -q -rf -m gpu "${xdist[@]}" tests
+  # The Hopper attention forward first, on its own and briefly: if it fails or hangs, everything after runs
+  # the sm_80 forward (LLADA_ATTENTION_KERNEL) and its own tests are left out, so the rest still reports.
+  step hopper-smoke 90 "$PYTHON" -m pytest -q -x -m gpu tests/ops/test_block_attention.py -k "tile_edges and hopper"
+  only=()
+  if [[ $last_rc -ne 0 ]]; then
+    echo "   the Hopper forward failed: the remaining steps use LLADA_ATTENTION_KERNEL=flash2"
+    export LLADA_ATTENTION_KERNEL=flash2
+    only=(-k "not hopper")
+  fi
+  step gpu-tests 300 "$PYTHON" -m pytest -q -rf -m gpu "${xdist[@]}" "${only[@]}" tests
   for b in "${benchmarks[@]}"; do
     # shellcheck disable=SC2086
     step "bench-$b" 240 "$PYTHON" -m "benchmarks.$b" ${gpu_args[$b]}

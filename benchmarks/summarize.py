@@ -2,8 +2,9 @@
 
     python -m benchmarks.summarize OUT_DIR
 
-A row's case is made of its text and integer fields, its value of the timing, rate, fraction-of-peak and
-speedup fields it has (each benchmark names them a little differently).
+A row (from every list of rows a record holds: "rows", "decode_rows", ...) has a case made of its text and
+integer fields, and a value made of the timing, rate, fraction-of-peak and speedup fields it has (each
+benchmark names them a little differently).
 """
 import json
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from benchmarks.timer import print_table
 
-VALUE_HINTS = ("ms", "speedup", "frac", "peak", "tflops", "GB/s", "tok_s", "TPF")
+VALUE_HINTS = ("ms", "speedup", "frac", "peak", "tflops", "GB/s", "gbps", "of_bw", "tok_s", "TPF")
 
 
 def _case(row: dict) -> str:
@@ -33,7 +34,9 @@ def main(argv=None) -> int:
         except (json.JSONDecodeError, IndexError):
             rows.append({"benchmark": path.stem, "device": "", "case": "no JSON result", "value": ""})
             continue
-        for row in record.get("rows", []):
+        table_rows = [row for key, value in record.items() if key.endswith("rows") and isinstance(value, list)
+                      for row in value]
+        for row in table_rows:
             rows.append({"benchmark": record.get("benchmark", path.stem), "device": record.get("device", ""),
                          "case": _case(row), "value": _value(row)})
     print_table(rows)

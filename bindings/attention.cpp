@@ -1,6 +1,7 @@
 // Bindings of the block-attention family (csrc/attention): validate the tensors (shapes, dtypes,
 // devices, cu_seqlens, mask arguments), fill llada::BlockAttention*Params and call the CPU or CUDA kernels
-// (every op has both). cu_seqlens and cache_seqlens on a GPU are copied to the host once to be validated.
+// (every op has both). cu_seqlens and cache_seqlens on a GPU are copied to the host once to be validated;
+// cache_seqlens may also come from the CPU, which spares the decode form that device synchronisation.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -125,6 +126,8 @@ llada::BlockAttentionParams make_params(const Tensor& q, const Tensor& k, const 
   p.cu_seqlens_q = cu_seqlens_q.data_ptr<int32_t>();
   p.cu_seqlens_k = cu_seqlens_k.data_ptr<int32_t>();
   p.num_seqs = S;
+  p.total_q = q.size(0);
+  p.total_k = k.size(0);
   p.max_seqlen_q = max_seqlen_q;
   p.max_seqlen_k = max_seqlen_k;
   p.heads_q = Hq;
@@ -140,11 +143,23 @@ void check_status(llada::Status s, const char* op) {
   TORCH_CHECK(s == llada::Status::kOk, op, ": ", llada::status_string(s));
 }
 
+llada::AttentionKernel parse_kernel(const std::string& kernel, const Tensor& q) {
+  const char* op = "block_attention";
+  TORCH_CHECK_VALUE(kernel == "auto" || kernel == "flash2" || kernel == "hopper", op,
+                    ": kernel must be \"auto\", \"flash2\" or \"hopper\", got \"", kernel, "\"");
+  TORCH_CHECK_VALUE(kernel == "auto" || q.is_cuda(), op, ": kernel \"", kernel,
+                    "\" names a CUDA kernel, but q is on the CPU (use \"auto\")");
+  if (kernel == "flash2") return llada::AttentionKernel::kFlash2;
+  return kernel == "hopper" ? llada::AttentionKernel::kHopper : llada::AttentionKernel::kAuto;
+}
+
 std::tuple<Tensor, Tensor> block_attention_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                                const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
                                                int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t block_size,
-                                               const std::string& mask, double softmax_scale) {
+                                               const std::string& mask, double softmax_scale,
+                                               const std::string& kernel) {
   const Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  const llada::AttentionKernel which = parse_kernel(kernel, q);
   llada::BlockAttentionParams p =
       make_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, mask, softmax_scale);
   Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
@@ -156,7 +171,13 @@ std::tuple<Tensor, Tensor> block_attention_fwd(const Tensor& q_in, const Tensor&
   } else {
 #ifdef LLADA_WITH_CUDA
     const c10::cuda::CUDAGuard guard(q.device());
-    check_status(llada::block_attention_fwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream()), "block_attention");
+    const llada::Status s = llada::block_attention_fwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream(), which);
+    TORCH_CHECK(!(which == llada::AttentionKernel::kHopper && s == llada::Status::kNotCompiled),
+                "block_attention: kernel \"hopper\" needs an sm_90 GPU and a build with sm_90a code");
+    TORCH_CHECK_VALUE(!(which == llada::AttentionKernel::kHopper && s == llada::Status::kBadArgument),
+                      "block_attention: kernel \"hopper\" needs q, k and v with 16-byte aligned rows, heads and "
+                      "data pointers (strides of q ", q.strides(), ", k ", k.strides(), ", v ", v.strides(), ")");
+    check_status(s, "block_attention");
 #else
     TORCH_CHECK(false, "block_attention: llada_engine was built without CUDA kernels");
 #endif
@@ -206,8 +227,8 @@ std::tuple<Tensor, Tensor, Tensor> block_attention_bwd(
 #ifdef LLADA_WITH_CUDA
     const c10::cuda::CUDAGuard guard(q.device());
     const Tensor workspace =
-        at::empty({llada::block_attention_bwd_cuda_workspace_bytes(p, q.size(0))}, q.options().dtype(at::kByte));
-    check_status(llada::block_attention_bwd_cuda(p, q.size(0), workspace.numel() > 0 ? workspace.data_ptr() : nullptr,
+        at::empty({llada::block_attention_bwd_cuda_workspace_bytes(p)}, q.options().dtype(at::kByte));
+    check_status(llada::block_attention_bwd_cuda(p, workspace.numel() > 0 ? workspace.data_ptr() : nullptr,
                                                  c10::cuda::getCurrentCUDAStream().stream()),
                  op);
 #else
@@ -240,8 +261,9 @@ void check_decode_args(const Tensor& q, const Tensor& k_cache, const Tensor& v_c
                    cache_seqlens.scalar_type());
   TORCH_CHECK_VALUE(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B, op, ": cache_seqlens must be [B] = [", B,
                     "], got shape ", cache_seqlens.sizes());
-  check_same_device(op, {{"q", &q}, {"k_cache", &k_cache}, {"v_cache", &v_cache}, {"cache_seqlens", &cache_seqlens},
-                         {"k_new", &k_new}, {"v_new", &v_new}});
+  check_same_device(op, {{"q", &q}, {"k_cache", &k_cache}, {"v_cache", &v_cache}, {"k_new", &k_new}, {"v_new", &v_new}});
+  TORCH_CHECK_VALUE(cache_seqlens.is_cpu() || cache_seqlens.device() == q.device(), op, ": cache_seqlens is on ",
+                    cache_seqlens.device(), " but q is on ", q.device(), " (it may also be on the CPU)");
   attention_dtype(q, op, "q");
   for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"k_cache", &k_cache}, {"v_cache", &v_cache},
                                 {"k_new", &k_new}, {"v_new", &v_new}})
@@ -307,10 +329,12 @@ std::tuple<Tensor, Tensor> block_attention_decode_cuda(const Tensor& q, const Te
                                                        const Tensor& k_new, const Tensor& v_new,
                                                        double softmax_scale) {
   check_decode_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale);
-  checked_cache_seqlens(cache_seqlens, k_cache.size(1));
+  const Tensor host_lens = checked_cache_seqlens(cache_seqlens, k_cache.size(1));
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  return run_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale,
+  // Lengths given on the CPU were validated there and go up without waiting for the device (pinned memory).
+  const Tensor lens = cache_seqlens.is_cuda() ? cache_seqlens : host_lens.pin_memory().to(q.device(), true);
+  return run_decode(q, k_cache, v_cache, lens, k_new, v_new, softmax_scale,
                     [stream](const llada::BlockAttentionDecodeParams& p) {
                       return llada::block_attention_decode_cuda(p, stream);
                     });

@@ -33,10 +33,11 @@ TORCH_LIBRARY(llada, m) {
   m.def("moe_grouped_gemm_wgrad(Tensor grad_out, Tensor a, Tensor offsets) -> Tensor");
   // Block attention over packed varlen documents (DESIGN.md §3.1), mask "block_causal" or "bd3":
   // the output [Tq, Hq, D] and the fp32 log-sum-exp of the scaled masked scores [Tq, Hq].
+  // kernel (CUDA): "auto", "flash2" (FlashAttention-2 style, sm_80+) or "hopper" (wgmma + TMA, sm_90a).
   m.def(
       "block_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
-      "int max_seqlen_q, int max_seqlen_k, *, int block_size, str mask, float softmax_scale) "
-      "-> (Tensor out, Tensor lse)");
+      "int max_seqlen_q, int max_seqlen_k, *, int block_size, str mask, float softmax_scale, "
+      "str kernel=\"auto\") -> (Tensor out, Tensor lse)");
   // Gradients dq, dk, dv of block_attention_fwd from dout (and dlse when the lse output is used).
   m.def(
       "block_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
@@ -44,6 +45,7 @@ TORCH_LIBRARY(llada, m) {
       "str mask, float softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)");
   // Decoding: the current block's queries [B, Lb, Hq, D] against the first cache_seqlens[b] rows of a
   // contiguous per-sequence cache [B, Smax, Hkv, D] plus the block's own keys, no mask inside the block.
+  // cache_seqlens int32 [B] on q's device, or on the CPU (validated there, no device synchronisation).
   m.def(
       "block_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor k_new, "
       "Tensor v_new, *, float softmax_scale) -> (Tensor out, Tensor lse)");

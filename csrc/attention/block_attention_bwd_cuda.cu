@@ -260,18 +260,18 @@ struct Workspace {
   float* dq_accum;  // [Tq * Hq * D]
 };
 
-Workspace carve(const BlockAttentionBwdParams& p, int64_t total_q, void* workspace) {
+Workspace carve(const BlockAttentionBwdParams& p, void* workspace) {
   float* base = static_cast<float*>(workspace);
-  const int64_t rows = total_q * p.fwd.heads_q;
+  const int64_t rows = p.fwd.total_q * p.fwd.heads_q;
   const int64_t delta_floats = (rows + 3) / 4 * 4;  // keeps dq_accum 16-byte aligned
   return Workspace{base, base + delta_floats};
 }
 
 template <class T, int D>
-Status launch(const BlockAttentionBwdParams& bp, int64_t total_q, void* workspace, cudaStream_t stream) {
+Status launch(const BlockAttentionBwdParams& bp, void* workspace, cudaStream_t stream) {
   const BlockAttentionParams& p = bp.fwd;
-  const Workspace ws = carve(bp, total_q, workspace);
-  const int64_t rows = total_q * p.heads_q;
+  const Workspace ws = carve(bp, workspace);
+  const int64_t rows = p.total_q * p.heads_q;
   if (rows > 0) {
     const int64_t blocks = (rows * 32 + 255) / 256;
     if (blocks > INT32_MAX) return Status::kBadArgument;
@@ -298,29 +298,28 @@ Status launch(const BlockAttentionBwdParams& bp, int64_t total_q, void* workspac
 }
 
 template <class T>
-Status dispatch_head_dim(const BlockAttentionBwdParams& p, int64_t total_q, void* workspace, cudaStream_t stream) {
+Status dispatch_head_dim(const BlockAttentionBwdParams& p, void* workspace, cudaStream_t stream) {
   switch (p.fwd.head_dim) {
-    case 64: return launch<T, 64>(p, total_q, workspace, stream);
-    case 128: return launch<T, 128>(p, total_q, workspace, stream);
+    case 64: return launch<T, 64>(p, workspace, stream);
+    case 128: return launch<T, 128>(p, workspace, stream);
     default: return Status::kBadArgument;
   }
 }
 
 }  // namespace
 
-int64_t block_attention_bwd_cuda_workspace_bytes(const BlockAttentionBwdParams& p, int64_t total_q) {
-  const int64_t rows = total_q * p.fwd.heads_q;
+int64_t block_attention_bwd_cuda_workspace_bytes(const BlockAttentionBwdParams& p) {
+  const int64_t rows = p.fwd.total_q * p.fwd.heads_q;
   return ((rows + 3) / 4 * 4 + rows * p.fwd.head_dim) * static_cast<int64_t>(sizeof(float));
 }
 
-Status block_attention_bwd_cuda(const BlockAttentionBwdParams& p, int64_t total_q, void* workspace,
-                                cudaStream_t stream) {
+Status block_attention_bwd_cuda(const BlockAttentionBwdParams& p, void* workspace, cudaStream_t stream) {
   const BlockAttentionParams& f = p.fwd;
   if (f.block_size < 1 || f.heads_kv < 1 || f.heads_q % f.heads_kv != 0) return Status::kBadArgument;
-  if (total_q * f.heads_q > 0 && workspace == nullptr) return Status::kBadArgument;
+  if (f.total_q * f.heads_q > 0 && workspace == nullptr) return Status::kBadArgument;
   switch (f.dtype) {
-    case DType::kBFloat16: return dispatch_head_dim<cutlass::bfloat16_t>(p, total_q, workspace, stream);
-    case DType::kFloat16: return dispatch_head_dim<cutlass::half_t>(p, total_q, workspace, stream);
+    case DType::kBFloat16: return dispatch_head_dim<cutlass::bfloat16_t>(p, workspace, stream);
+    case DType::kFloat16: return dispatch_head_dim<cutlass::half_t>(p, workspace, stream);
     default: return Status::kBadArgument;
   }
 }

@@ -10,8 +10,9 @@
 // queries against the sequence's cache rows [0, cache_seqlens[b]) followed by its own Lb keys, read in place
 // from the cache and from k_new / v_new, with no mask inside (one block spanning the whole key range).
 // Key and value tiles are double-buffered: cp.async copies tile t + 1 while tile t is computed (16-byte
-// aligned rows; others load synchronously). ldmatrix operand loads and the Hopper (wgmma + TMA) path are
-// left for tuning.
+// aligned rows; others load synchronously). ldmatrix operand loads are left for tuning.
+// The entry point block_attention_fwd_cuda runs the Hopper kernel (block_attention_fwd_sm90.cu) instead on
+// sm_90 when the inputs allow it, unless told otherwise (AttentionKernel).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -19,6 +20,7 @@
 
 #include "attention/attention_cuda_tile.cuh"
 #include "attention/block_mask.h"
+#include "attention/block_attention_fwd_sm90.h"
 #include "common/cuda_check.h"
 #include "llada/attention.h"
 
@@ -248,8 +250,20 @@ Status dispatch(DType dtype, int64_t head_dim, const FwdArgs& args, const Docs& 
 
 }  // namespace
 
-Status block_attention_fwd_cuda(const BlockAttentionParams& p, cudaStream_t stream) {
+Status block_attention_fwd_cuda(const BlockAttentionParams& p, cudaStream_t stream, AttentionKernel kernel) {
   if (p.block_size < 1 || p.heads_kv < 1 || p.heads_q % p.heads_kv != 0) return Status::kBadArgument;
+  const bool empty = p.total_q == 0 || p.total_k == 0;  // nothing for the Hopper kernel to load
+  if (kernel != AttentionKernel::kFlash2 && !empty) {
+    int device = 0, major = 0;
+    LLADA_RETURN_IF_CUDA_ERROR(cudaGetDevice(&device));
+    LLADA_RETURN_IF_CUDA_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    if (kernel == AttentionKernel::kHopper)
+      return major == 9 ? block_attention_fwd_sm90(p, stream) : Status::kNotCompiled;
+    if (major == 9 && block_attention_fwd_sm90_supported(p)) {
+      const Status s = block_attention_fwd_sm90(p, stream);
+      if (s != Status::kNotCompiled) return s;
+    }
+  }
   const FwdArgs args{p.q, p.q_row_stride, p.q_head_stride, p.heads_q, p.heads_kv, p.softmax_scale, p.out, p.lse};
   const PackedDocs docs{p.cu_seqlens_q, p.cu_seqlens_k, p.k, p.v, p.k_row_stride, p.k_head_stride,
                         p.v_row_stride, p.v_head_stride, p.mask, p.block_size};

@@ -83,6 +83,32 @@ LLADA_HD bool mask_keep(const DocMask& m, int64_t i, int64_t j) {
   return coords_keep(m.kind, query_coord(m, i), key_coord(m, j));
 }
 
+// The keys query row i sees: the kept keys of one row are at most two ranges of key rows.
+//   block_causal: [0, end of the row's block); bd3 clean row: the clean keys up to the end of its block;
+//   bd3 noisy row: its own noisy block, and the clean keys of strictly earlier blocks.
+// Clipped to [0, len_k); a kernel keeps key j of row i iff j lies in `a` or in `b`.
+struct KeptKeys {
+  RowRange a, b;
+};
+
+LLADA_HD KeptKeys kept_keys(const DocMask& m, int64_t i) {
+  KeptKeys r;
+  const MaskCoord c = query_coord(m, i);
+  const int64_t bs = m.block_size;
+  if (m.kind == AttentionMask::kBlockCausal) {
+    r.a.end = c.block < 0 ? 0 : min_i64((c.block + 1) * bs, m.len_k);
+    return r;
+  }
+  const int64_t n = m.len_k / 2;
+  if (c.clean) {
+    r.a = RowRange{n, n + min_i64((c.block + 1) * bs, n)};
+  } else {
+    r.a = RowRange{c.block * bs, min_i64((c.block + 1) * bs, n)};
+    r.b = RowRange{n, n + c.block * bs};
+  }
+  return r;
+}
+
 namespace detail {
 
 enum class BlockRelation : int { kNever, kEqual, kLess, kLessEqual };

@@ -94,7 +94,7 @@ class LLaDA2Model(nn.Module):
         context = PackedContext(self._ops, cu_seqlens, max_seqlen, block_size, "block_causal", cache, token_rows,
                                 positions)
         self._hidden(input_ids, positions, context)
-        cache.seqlens[rows] = lengths.to(torch.int32)
+        cache.set_lengths(rows, lengths)
 
     def forward_cached(self, input_ids: torch.Tensor, cache, write_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Logits fp32 [B, Lb, V] of the current block of each cache slot (input_ids [B, Lb]) against that

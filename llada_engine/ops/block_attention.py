@@ -2,7 +2,7 @@
 block-diffusion training.
 
     block_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, block_size,
-                    mask="block_causal", softmax_scale=None, return_lse=False) -> out [, lse]
+                    mask="block_causal", softmax_scale=None, return_lse=False, kernel=None) -> out [, lse]
     block_attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, *, softmax_scale=None,
                            return_lse=False) -> out [, lse]
     block_attention_ref / block_attention_decode_ref   # dense-mask SDPA per document: oracle and baseline
@@ -16,11 +16,17 @@ Masks (pos = position in its sequence, blk(p) = p // block_size):
   bd3           each sequence is [x_t | x_0] of n + n tokens, blocks counted within each half: a noisy query
                 sees the noisy keys of its own block and the clean keys of strictly earlier blocks; a clean
                 query sees the clean keys of its own and earlier blocks, never a noisy key.
-block_attention is differentiable in q, k and v (and through lse). The decode form: the current block of
+block_attention is differentiable in q, k and v (and through lse). On CUDA, `kernel` picks the forward:
+"hopper" (wgmma + TMA, sm_90a builds on H100/H200, 16-byte aligned rows), "flash2" (any sm_80+ GPU) or
+"auto" (hopper where it applies; the default, unless the environment sets LLADA_ATTENTION_KERNEL); the
+backward is the same for both. The decode form: the current block of
 every sequence, q / k_new / v_new [B, Lb, H, D], sees the first cache_seqlens[b] rows of its contiguous
 cache [B, Smax, Hkv, D] and all Lb new keys (no mask inside the block); nothing is copied into the cache.
+cache_seqlens (int32 [B]) may live on the CPU with the rest on a GPU: it is validated there and uploaded
+without waiting for the device, where a GPU copy costs a device synchronisation per call to validate.
 """
 import math
+import os
 from typing import Optional
 
 import torch
@@ -37,12 +43,17 @@ def _softmax_scale(softmax_scale: Optional[float], q: torch.Tensor) -> float:
 
 def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, block_size: int,
-                    mask: str = "block_causal", softmax_scale: Optional[float] = None, return_lse: bool = False):
-    """Block attention over packed documents (see the module doc): out [Tq, Hq, D] (and lse [Tq, Hq])."""
+                    mask: str = "block_causal", softmax_scale: Optional[float] = None, return_lse: bool = False,
+                    kernel: Optional[str] = None):
+    """Block attention over packed documents (see the module doc): out [Tq, Hq, D] (and lse [Tq, Hq]).
+    `kernel` picks the CUDA forward: "auto", "flash2" or "hopper" (the CPU takes "auto" only); None means
+    $LLADA_ATTENTION_KERNEL on CUDA when set, else "auto"."""
     require_kernels("block_attention")
+    if kernel is None:
+        kernel = os.environ.get("LLADA_ATTENTION_KERNEL", "auto") if q.is_cuda else "auto"
     out, lse = torch.ops.llada.block_attention_fwd(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size=block_size, mask=mask,
-        softmax_scale=_softmax_scale(softmax_scale, q))
+        softmax_scale=_softmax_scale(softmax_scale, q), kernel=kernel)
     return (out, lse) if return_lse else out
 
 
@@ -145,7 +156,7 @@ def block_attention_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 if kernels_available():
     @torch.library.register_fake("llada::block_attention_fwd")
     def _block_attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, block_size,
-                                  mask, softmax_scale):
+                                  mask, softmax_scale, kernel="auto"):
         return (q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32))
 
     @torch.library.register_fake("llada::block_attention_bwd")
@@ -162,7 +173,7 @@ if kernels_available():
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
         ctx.max_seqlen = (max_seqlen_q, max_seqlen_k)
-        ctx.options = keyword_only_inputs
+        ctx.options = {name: value for name, value in keyword_only_inputs.items() if name != "kernel"}
 
     def _backward(ctx, dout, dlse):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors

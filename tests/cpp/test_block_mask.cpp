@@ -1,6 +1,6 @@
 // The block-attention mask (csrc/attention/block_mask.h): the predicate against the rule of DESIGN.md
 // §3.1 written out independently, and the tile classification and key/query ranges against the
-// element-wise predicate, for many lengths, block sizes and tile shapes.
+// element-wise predicate, and the per-row kept key ranges, for many lengths, block sizes and tile shapes.
 #include <cstdint>
 #include <cstdio>
 #include <initializer_list>
@@ -41,6 +41,19 @@ static void check_doc(const DocMask& m, int64_t tq, int64_t tk) {
         return;
       }
     }
+  for (int64_t i = 0; i < m.len_q; ++i) {
+    const llada::KeptKeys kk = llada::kept_keys(m, i);
+    for (int64_t j = 0; j < m.len_k; ++j) {
+      const bool in = (j >= kk.a.begin && j < kk.a.end) || (j >= kk.b.begin && j < kk.b.end);
+      if (in != rule(m, i, j)) {
+        std::fprintf(stderr, "kept_keys kind %d bs %lld lq %lld lk %lld at (%lld, %lld)\n", static_cast<int>(m.kind),
+                     (long long)m.block_size, (long long)m.len_q, (long long)m.len_k, (long long)i, (long long)j);
+        CHECK(false);
+        return;
+      }
+    }
+    CHECK(kk.a.end <= m.len_k && kk.b.end <= m.len_k);
+  }
   for (int64_t q0 = 0; q0 < m.len_q; q0 += tq) {
     const int64_t q1 = q0 + tq < m.len_q ? q0 + tq : m.len_q;
     const llada::RowRange keys = llada::key_range(m, q0, q1);

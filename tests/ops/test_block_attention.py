@@ -2,10 +2,11 @@
 lengths 1, 7, 32, 33 and 1000, block sizes 1, 4, 32 and >= length, GQA 16/4 and 4/4, D 64 and 128; fp32
 to 1e-5, bf16 within 2x the reference's own bf16 error; gradients against the reference's autograd; the
 decode form against the full recompute; bad input rejected by name. On CUDA (bf16/fp16, D 64/128) the
-forward, backward and decode form run; fp32 runs on the CPU."""
+forward (both kernels: flash2 everywhere, hopper on sm_90), backward and decode form run; fp32 runs on the CPU."""
 import pytest
 import torch
 
+import llada_engine
 from llada_engine.ops import (block_attention, block_attention_decode, block_attention_decode_ref,
                               block_attention_ref, block_mask_dense)
 from op_testing import DEVICES, assert_close_to_reference
@@ -268,15 +269,41 @@ def test_decode_partial_cache_against_reference(device, dtype):
     assert_close_to_reference(out, ref, ref_lowp if dtype != torch.float32 else None, atol=1e-5)
 
 
+def cuda_kernel_or_skip(kernel: str) -> str:
+    """The CUDA forward `kernel` ("flash2" runs on any sm_80+ GPU; "hopper" on sm_90, where the build must have it)."""
+    if kernel == "hopper":
+        if torch.cuda.get_device_capability() != (9, 0):
+            pytest.skip("the Hopper forward runs on sm_90 GPUs")
+        assert "90a" in llada_engine.build_info()["cuda_archs"], "an sm_90 GPU, but no sm_90a code in this build"
+    return kernel
+
+
+CUDA_KERNELS = ["flash2", "hopper"]
+
+
 @pytest.mark.gpu
+def test_decode_cuda_takes_cache_seqlens_from_the_cpu():
+    g = torch.Generator().manual_seed(24)
+    q, k_new, v_new = (torch.randn(3, 32, h, 128, generator=g).to("cuda", torch.bfloat16) for h in (16, 4, 4))
+    k_cache, v_cache = (torch.randn(3, 96, 4, 128, generator=g).to("cuda", torch.bfloat16) for _ in range(2))
+    lens = torch.tensor([64, 0, 96], dtype=torch.int32)
+    on_gpu = block_attention_decode(q, k_cache, v_cache, lens.cuda(), k_new, v_new)
+    assert torch.equal(block_attention_decode(q, k_cache, v_cache, lens, k_new, v_new), on_gpu)
+    with pytest.raises(ValueError, match=r"cache_seqlens\[2\] = 97 is outside"):
+        block_attention_decode(q, k_cache, v_cache, lens + 1, k_new, v_new)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", CUDA_KERNELS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mask", ["block_causal", "bd3"])
 @pytest.mark.parametrize("block_size,heads,dim", [(1, (4, 4), 64), (4, (16, 4), 128), (32, (16, 4), 64),
                                                   (2048, (4, 4), 128)])
-def test_forward_cuda_within_twice_reference_error(dtype, mask, block_size, heads, dim):
+def test_forward_cuda_within_twice_reference_error(kernel, dtype, mask, block_size, heads, dim):
     lengths = DOC_LENGTHS if mask == "block_causal" else bd3_lengths(DOC_LENGTHS)
     args = make_packed(lengths, heads=heads, dim=dim, device="cuda", dtype=dtype, seed=block_size)
-    out, lse = block_attention(*args, block_size=block_size, mask=mask, return_lse=True)
+    out, lse = block_attention(*args, block_size=block_size, mask=mask, return_lse=True,
+                               kernel=cuda_kernel_or_skip(kernel))
     ref_out, ref_lse = fp32_reference(args, block_size=block_size, mask=mask)
     ref_lowp = block_attention_ref(*args, block_size=block_size, mask=mask)
     assert_close_to_reference(out, ref_out, ref_lowp, name="out")
@@ -284,10 +311,43 @@ def test_forward_cuda_within_twice_reference_error(dtype, mask, block_size, head
 
 
 @pytest.mark.gpu
-def test_forward_cuda_bottom_right_empty_documents_and_strides():
+@pytest.mark.parametrize("kernel", CUDA_KERNELS)
+@pytest.mark.parametrize("mask,block_size", [("block_causal", 1), ("block_causal", 32), ("bd3", 32), ("bd3", 160)])
+def test_forward_cuda_tile_edges(kernel, mask, block_size):
+    # Documents ending just before, at and after the kernels' tile edges (64 and 128 rows), one of length 1.
+    halves = [1, 63, 64, 65, 127, 128, 129, 300]
+    lengths = bd3_lengths(halves) if mask == "bd3" else halves
+    args = make_packed(lengths, heads=(8, 2), dim=128, device="cuda", dtype=torch.bfloat16, seed=21)
+    out, lse = block_attention(*args, block_size=block_size, mask=mask, return_lse=True,
+                               kernel=cuda_kernel_or_skip(kernel))
+    ref_out, ref_lse = fp32_reference(args, block_size=block_size, mask=mask)
+    assert_close_to_reference(out, ref_out, block_attention_ref(*args, block_size=block_size, mask=mask), name="out")
+    assert_close_to_reference(lse, ref_lse, atol=1e-3, name="lse")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", CUDA_KERNELS)
+def test_forward_cuda_documents_do_not_leak(kernel):
+    # Tiles that run past a document's end read the next document's rows: none of it may reach the output,
+    # not even an infinite value.
+    q, k, v, cu_q, cu_k, mq, mk = make_packed([40, 90, 20], heads=(4, 2), dim=64, device="cuda",
+                                              dtype=torch.bfloat16, seed=22)
+    k[40:130] = float("inf")
+    v[40:130] = float("inf")
+    out = block_attention(q, k, v, cu_q, cu_k, mq, mk, block_size=4, kernel=cuda_kernel_or_skip(kernel))
+    ref = block_attention_ref(q.float(), k.float(), v.float(), cu_q, cu_k, block_size=4)
+    keep = torch.ones(150, dtype=torch.bool, device="cuda")
+    keep[40:130] = False
+    assert_close_to_reference(out[keep], ref[keep], block_attention_ref(q, k, v, cu_q, cu_k, block_size=4)[keep])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", CUDA_KERNELS)
+def test_forward_cuda_bottom_right_empty_documents_and_strides(kernel):
+    kernel = cuda_kernel_or_skip(kernel)
     lengths_q, lengths_k = [5, 7, 0, 40, 3, 6], [37, 7, 4, 9, 0, 70]
     args = make_packed(lengths_q, lengths_k, heads=(4, 2), dim=64, device="cuda", dtype=torch.bfloat16, seed=3)
-    out, lse = block_attention(*args, block_size=4, return_lse=True)
+    out, lse = block_attention(*args, block_size=4, return_lse=True, kernel=kernel)
     ref_out, ref_lse = fp32_reference(args, block_size=4, mask="block_causal")
     assert_close_to_reference(out, ref_out, block_attention_ref(*args, block_size=4), name="out")
     assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse))
@@ -295,8 +355,29 @@ def test_forward_cuda_bottom_right_empty_documents_and_strides():
     cu = torch.tensor([0, 33, 70], dtype=torch.int32, device="cuda")
     q, k, v = qkv[:, :4], qkv[:, 4:6], qkv[:, 6:]
     ref = block_attention_ref(q.float(), k.float(), v.float(), cu, cu, block_size=5)
-    assert_close_to_reference(block_attention(q, k, v, cu, cu, 37, 37, block_size=5), ref,
+    assert_close_to_reference(block_attention(q, k, v, cu, cu, 37, 37, block_size=5, kernel=kernel), ref,
                               block_attention_ref(q, k, v, cu, cu, block_size=5))
+
+
+@pytest.mark.gpu
+def test_forward_cuda_auto_kernel_and_unaligned_rows():
+    args = make_packed([33, 70], heads=(4, 2), dim=64, device="cuda", dtype=torch.bfloat16, seed=23)
+    auto = block_attention(*args, block_size=4)
+    expect = "hopper" if torch.cuda.get_device_capability() == (9, 0) else "flash2"
+    assert torch.equal(auto, block_attention(*args, block_size=4, kernel=expect))
+    # Rows 65 elements apart: the TMA of the Hopper forward cannot load them; "auto" falls back to flash2.
+    wide = torch.randn(103, 8, 65, device="cuda", dtype=torch.bfloat16)[..., :64]
+    cu = torch.tensor([0, 33, 103], dtype=torch.int32, device="cuda")
+    q, k, v = wide[:, :4], wide[:, 4:6], wide[:, 6:]
+    ref = block_attention_ref(q.float(), k.float(), v.float(), cu, cu, block_size=4)
+    assert_close_to_reference(block_attention(q, k, v, cu, cu, 70, 70, block_size=4), ref,
+                              block_attention_ref(q, k, v, cu, cu, block_size=4))
+    if expect == "hopper":
+        with pytest.raises(ValueError, match="hopper.*16-byte aligned rows"):
+            block_attention(q, k, v, cu, cu, 70, 70, block_size=4, kernel="hopper")
+    else:
+        with pytest.raises(RuntimeError, match="hopper.*needs an sm_90 GPU"):
+            block_attention(*args, block_size=4, kernel="hopper")
 
 
 @pytest.mark.gpu
@@ -358,6 +439,8 @@ def _bad(change):
     (dict(mask="causal"), 'mask must be "block_causal" or "bd3"'),
     (dict(max_seqlen_q=5), r"max_seqlen_q \(5\) is below the longest query sequence"),
     (dict(softmax_scale=float("nan")), "softmax_scale must be finite"),
+    (dict(kernel="hopper"), 'kernel "hopper" names a CUDA kernel, but q is on the CPU'),
+    (dict(kernel="fast"), 'kernel must be "auto", "flash2" or "hopper"'),
 ])
 def test_bad_arguments_are_named(change, match):
     args, kw = _bad(change)
@@ -403,6 +486,8 @@ def opcheck_samples(device):
         dout = torch.randn_like(out)
         dlse = torch.randn_like(lse) if mask == "bd3" else None
         samples["block_attention_bwd"].append(((dout, q, k, v, out, lse, dlse, cu_q, cu_k, mq, mk), kw))
+        if cuda:
+            samples["block_attention_fwd"].append(((q, k, v, cu_q, cu_k, mq, mk), kw | dict(kernel="flash2")))
     g = torch.Generator().manual_seed(14)
     d, dtype = (64, torch.bfloat16) if cuda else (16, torch.float32)
     decode = [torch.randn(*shape, generator=g).to(device, dtype) for shape in

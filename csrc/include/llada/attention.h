@@ -38,6 +38,7 @@ struct BlockAttentionParams {
   const int32_t* cu_seqlens_q = nullptr;  // [S + 1]
   const int32_t* cu_seqlens_k = nullptr;  // [S + 1]
   int64_t num_seqs = 0;                   // S
+  int64_t total_q = 0, total_k = 0;       // Tq, Tk (= cu_seqlens_q[S], cu_seqlens_k[S])
   int64_t max_seqlen_q = 0, max_seqlen_k = 0;
   int64_t heads_q = 0, heads_kv = 0, head_dim = 0;
   AttentionMask mask = AttentionMask::kBlockCausal;
@@ -82,15 +83,22 @@ Status block_attention_fwd_cpu(const BlockAttentionParams& p);
 Status block_attention_bwd_cpu(const BlockAttentionBwdParams& p);
 Status block_attention_decode_cpu(const BlockAttentionDecodeParams& p);
 
+// Which CUDA forward kernel runs.
+enum class AttentionKernel : int {
+  kAuto = 0,    // kHopper where the device and the inputs allow it, kFlash2 otherwise
+  kFlash2 = 1,  // FlashAttention-2 style (SM80 tensor-core MMA, cp.async), any sm_80+ GPU
+  kHopper = 2,  // wgmma + TMA, warp-specialised: sm_90a builds on sm_90 devices, 16-byte aligned rows
+};  // Inputs without queries or keys always run kFlash2: there is nothing to load.
+
 #ifdef LLADA_WITH_CUDA
-// CUDA forward (CuTe, sm_80 / sm_90), asynchronous on `stream`: bf16 and fp16, D in {64, 128}
-// (kBadArgument otherwise). Launches ceil(max_seqlen_q / 64) query tiles per sequence and head.
-Status block_attention_fwd_cuda(const BlockAttentionParams& p, cudaStream_t stream);
+// CUDA forward (CuTe), asynchronous on `stream`: bf16 and fp16, D in {64, 128} (kBadArgument otherwise).
+// kHopper returns kNotCompiled on a device without sm_90a code and kBadArgument on inputs it does not take.
+Status block_attention_fwd_cuda(const BlockAttentionParams& p, cudaStream_t stream,
+                                AttentionKernel kernel = AttentionKernel::kAuto);
 // CUDA backward (FlashAttention-2 style, same dtypes and head dims). `workspace` is device memory of
-// block_attention_bwd_cuda_workspace_bytes(p, total_q) bytes (the row deltas and an fp32 dq), total_q = Tq.
-Status block_attention_bwd_cuda(const BlockAttentionBwdParams& p, int64_t total_q, void* workspace,
-                                cudaStream_t stream);
-int64_t block_attention_bwd_cuda_workspace_bytes(const BlockAttentionBwdParams& p, int64_t total_q);
+// block_attention_bwd_cuda_workspace_bytes(p) bytes (the row deltas and an fp32 dq).
+Status block_attention_bwd_cuda(const BlockAttentionBwdParams& p, void* workspace, cudaStream_t stream);
+int64_t block_attention_bwd_cuda_workspace_bytes(const BlockAttentionBwdParams& p);
 // The decode form on the forward kernel, reading the cache in place; cache_seqlens is a device pointer here.
 Status block_attention_decode_cuda(const BlockAttentionDecodeParams& p, cudaStream_t stream);
 #endif
