@@ -335,8 +335,11 @@ std::tuple<Tensor, Tensor> block_attention_decode_cuda(const Tensor& q, const Te
   // Lengths given on the CPU were validated there and go up without waiting for the device (pinned memory).
   const Tensor lens = cache_seqlens.is_cuda() ? cache_seqlens : host_lens.pin_memory().to(q.device(), true);
   return run_decode(q, k_cache, v_cache, lens, k_new, v_new, softmax_scale,
-                    [stream](const llada::BlockAttentionDecodeParams& p) {
-                      return llada::block_attention_decode_cuda(p, stream);
+                    [stream, &q](const llada::BlockAttentionDecodeParams& p) {
+                      const Tensor workspace = at::empty({llada::block_attention_decode_cuda_workspace_bytes(p)},
+                                                         q.options().dtype(at::kByte));
+                      return llada::block_attention_decode_cuda(
+                          p, workspace.numel() > 0 ? workspace.data_ptr() : nullptr, stream);
                     });
 }
 #endif

@@ -8,7 +8,9 @@
 //   held by a quad of lanes) -> P (bf16/fp16) in shared memory -> O = alpha O + P V on tensor cores.
 // The decode form runs the same kernel with another view of the documents (DecodeDocs): the current block's
 // queries against the sequence's cache rows [0, cache_seqlens[b]) followed by its own Lb keys, read in place
-// from the cache and from k_new / v_new, with no mask inside (one block spanning the whole key range).
+// from the cache and from k_new / v_new, with no mask inside (one block spanning the whole key range). Where
+// batch x heads leave the GPU idle, the keys are split into runs (split-KV, attention/key_split.h): one thread
+// block per run writes a partial result to the workspace, and a second kernel merges them.
 // Key and value tiles are double-buffered: cp.async copies tile t + 1 while tile t is computed (16-byte
 // aligned rows; others load synchronously). ldmatrix operand loads are left for tuning.
 // The entry point block_attention_fwd_cuda runs the Hopper kernel (block_attention_fwd_sm90.cu) instead on
@@ -20,6 +22,7 @@
 
 #include "attention/attention_cuda_tile.cuh"
 #include "attention/block_mask.h"
+#include "attention/key_split.h"
 #include "attention/block_attention_fwd_sm90.h"
 #include "common/cuda_check.h"
 #include "llada/attention.h"
@@ -53,6 +56,8 @@ __device__ __forceinline__ float quad_sum(float x) {
 }
 
 // Everything the kernel reads besides the documents; q, out and lse rows are [rows, heads_q, ...].
+// With splits > 1 (the decode form's split-KV), block z covers run z of each query tile's key tiles and
+// writes its run's normalised output and log-sum-exp to part_out / part_lse; merge_splits_kernel combines them.
 struct FwdArgs {
   const void* q;
   int64_t q_row_stride, q_head_stride;
@@ -60,6 +65,10 @@ struct FwdArgs {
   float softmax_scale;
   void* out;    // [rows, Hq, D] contiguous
   float* lse;   // [rows, Hq]
+  int splits = 1;
+  int64_t rows = 0;           // of q / out (with splits > 1)
+  float* part_out = nullptr;  // [splits, rows, Hq, D]
+  float* part_lse = nullptr;  // [splits, rows, Hq]
 };
 
 template <class T, int D, class Docs>
@@ -112,7 +121,7 @@ __global__ void __launch_bounds__(kThreads) block_attention_fwd_kernel(const Fwd
   float m_run[2] = {kNegInf, kNegInf}, l_run[2] = {0.0f, 0.0f};
 
   // Key tiles in order, skipping those the mask removes; tile t + 1 is copied in while tile t is computed.
-  const RowRange keys = key_range(dm, q0, q0 + nq);
+  const RowRange keys = split_keys(key_range(dm, q0, q0 + nq), static_cast<int>(blockIdx.z), p.splits, kBK);
   const auto kept_tile_from = [&](int64_t k0) {
     for (; k0 < keys.end; k0 += kBK)
       if (classify_tile(dm, q0, q0 + nq, k0, k0 + min_i64(kBK, dm.len_k - k0)) != TileKind::kSkip) break;
@@ -195,21 +204,45 @@ __global__ void __launch_bounds__(kThreads) block_attention_fwd_kernel(const Fwd
   cp_async_wait<0>();
 
   const int lane = threadIdx.x % 32;
+  const int64_t part = static_cast<int64_t>(blockIdx.z) * p.rows;  // this run's rows in part_out / part_lse
+  float* lse = p.splits > 1 ? p.part_lse + part * p.heads_q : p.lse;
   if (lane % 4 == 0) {
     CUTE_UNROLL
     for (int hh = 0; hh < 2; ++hh) {
       const int r = (threadIdx.x / 32) * 16 + lane / 4 + hh * 8;
       if (r < nq)
-        p.lse[(cq + q0 + r) * p.heads_q + h] = l_run[hh] > 0.0f ? (m_run[hh] + log2f(l_run[hh])) * kLn2 : kNegInf;
+        lse[(cq + q0 + r) * p.heads_q + h] = l_run[hh] > 0.0f ? (m_run[hh] + log2f(l_run[hh])) * kLn2 : kNegInf;
     }
   }
-  T* out = static_cast<T*>(p.out) + ((cq + q0) * p.heads_q + h) * D;
+  const int64_t first = ((cq + q0) * p.heads_q + h) * D;
   CUTE_UNROLL
   for (int i = 0; i < size(tOrO); ++i) {
     const int r = get<0>(tOcO(i)), d = get<1>(tOcO(i));
     const float l = half(r) ? l_run[1] : l_run[0];
-    if (r < nq) out[static_cast<int64_t>(r) * p.heads_q * D + d] = T(l > 0.0f ? tOrO(i) / l : 0.0f);
+    if (r >= nq) continue;
+    const float o = l > 0.0f ? tOrO(i) / l : 0.0f;
+    const int64_t at = first + static_cast<int64_t>(r) * p.heads_q * D + d;
+    if (p.splits > 1) p.part_out[part * p.heads_q * D + at] = o;
+    else static_cast<T*>(p.out)[at] = T(o);
   }
+}
+
+// out and lse of each (row, head) from the runs' partial results: one warp per (row, head).
+template <class T, int D>
+__global__ void merge_splits_kernel(const FwdArgs p) {
+  const int64_t item = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;  // row * Hq + head
+  const int lane = threadIdx.x % 32;
+  if (item >= p.rows * p.heads_q) return;
+  const int64_t stride = p.rows * p.heads_q;  // between runs
+  const float lse = merged_lse(p.part_lse + item, p.splits, stride);
+  CUTE_UNROLL
+  for (int d = lane; d < D; d += 32) {
+    float o = 0.0f;
+    for (int s = 0; s < p.splits; ++s)
+      o += merge_weight(p.part_lse[s * stride + item], lse) * p.part_out[(s * stride + item) * D + d];
+    static_cast<T*>(p.out)[item * D + d] = T(o);
+  }
+  if (lane == 0) p.lse[item] = lse;
 }
 
 template <class T, int D, class Docs>
@@ -217,12 +250,19 @@ Status launch(const FwdArgs& args, const Docs& docs, int64_t num_seqs, int64_t m
   const int64_t q_tiles = (max_seqlen_q + kBQ - 1) / kBQ;
   if (q_tiles == 0 || num_seqs == 0 || args.heads_q == 0) return Status::kOk;
   if (q_tiles * num_seqs > INT32_MAX || args.heads_q > 65535) return Status::kBadArgument;
-  const dim3 grid(static_cast<unsigned>(q_tiles * num_seqs), static_cast<unsigned>(args.heads_q));
+  const dim3 grid(static_cast<unsigned>(q_tiles * num_seqs), static_cast<unsigned>(args.heads_q),
+                  static_cast<unsigned>(args.splits));
   const size_t smem = sizeof(Smem<T, D>);
   auto kernel = block_attention_fwd_kernel<T, D, Docs>;
   LLADA_RETURN_IF_CUDA_ERROR(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                   static_cast<int>(smem)));
   kernel<<<grid, kThreads, smem, stream>>>(args, docs, static_cast<int>(q_tiles));
+  if (args.splits > 1) {
+    LLADA_RETURN_IF_CUDA_ERROR(cudaGetLastError());
+    const int64_t threads = args.rows * args.heads_q * 32;
+    if ((threads + 255) / 256 > INT32_MAX) return Status::kBadArgument;
+    merge_splits_kernel<T, D><<<static_cast<unsigned>((threads + 255) / 256), 256, 0, stream>>>(args);
+  }
   LLADA_RETURN_LAUNCH_STATUS();
 }
 
@@ -270,9 +310,38 @@ Status block_attention_fwd_cuda(const BlockAttentionParams& p, cudaStream_t stre
   return dispatch(p.dtype, p.head_dim, args, docs, p.num_seqs, p.max_seqlen_q, stream);
 }
 
-Status block_attention_decode_cuda(const BlockAttentionDecodeParams& p, cudaStream_t stream) {
+namespace {
+
+// Runs of key tiles per query tile of the decode form on the current device (attention/key_split.h).
+Status decode_splits(const BlockAttentionDecodeParams& p, int* splits) {
+  int device = 0, sm_count = 0;
+  LLADA_RETURN_IF_CUDA_ERROR(cudaGetDevice(&device));
+  LLADA_RETURN_IF_CUDA_ERROR(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
+  const int64_t q_tiles = (p.block + kBQ - 1) / kBQ;
+  *splits = key_splits(p.batch * q_tiles * p.heads_q, p.cache_capacity + p.block, kBK, sm_count);
+  return Status::kOk;
+}
+
+}  // namespace
+
+int64_t block_attention_decode_cuda_workspace_bytes(const BlockAttentionDecodeParams& p) {
+  int splits = 1;
+  if (decode_splits(p, &splits) != Status::kOk || splits == 1) return 0;
+  return static_cast<int64_t>(splits) * p.batch * p.block * p.heads_q * (p.head_dim + 1) *
+         static_cast<int64_t>(sizeof(float));
+}
+
+Status block_attention_decode_cuda(const BlockAttentionDecodeParams& p, void* workspace, cudaStream_t stream) {
   if (p.heads_kv < 1 || p.heads_q % p.heads_kv != 0) return Status::kBadArgument;
-  const FwdArgs args{p.q, p.heads_q * p.head_dim, p.head_dim, p.heads_q, p.heads_kv, p.softmax_scale, p.out, p.lse};
+  FwdArgs args{p.q, p.heads_q * p.head_dim, p.head_dim, p.heads_q, p.heads_kv, p.softmax_scale, p.out, p.lse};
+  const Status s = decode_splits(p, &args.splits);
+  if (s != Status::kOk) return s;
+  if (args.splits > 1) {
+    if (workspace == nullptr) return Status::kBadArgument;
+    args.rows = p.batch * p.block;
+    args.part_lse = static_cast<float*>(workspace);                     // [splits, B * Lb, Hq]
+    args.part_out = args.part_lse + args.splits * args.rows * p.heads_q;  // [splits, B * Lb, Hq, D]
+  }
   const DecodeDocs docs{p.cache_seqlens, p.k_cache, p.v_cache, p.k_new, p.v_new,
                         p.block, p.cache_capacity, p.heads_kv, p.head_dim};
   return dispatch(p.dtype, p.head_dim, args, docs, p.batch, p.block, stream);

@@ -11,7 +11,8 @@
 // CTA's rows; each consumer warpgroup also skips a tile its own 64 rows do not see, and evaluates the mask only
 // on partial tiles and on the tile that crosses the document's end, from the two key ranges of each of its rows
 // (kept_keys). Tiles read rows past the document's end (up to the tensor's end, zero beyond): those keys are
-// masked, and the consumers zero those V rows before P V so that nothing of another document reaches O.
+// masked, and the consumers zero those V rows (then meet at a named barrier) so that nothing of another
+// document reaches O, not even an infinite value times a zero probability.
 // The output is written from registers (32-bit stores), the log-sum-exp by one lane of each quad.
 // The sm_80 pass of this file compiles the kernel body out; the host only launches it where the loaded
 // binary is the sm_90a one.
@@ -35,8 +36,6 @@ using namespace cute;
 using attention_sm90::Config;
 
 constexpr float kLog2e = 1.44269504088896341f;
-constexpr float kLn2 = 0.69314718055994531f;
-constexpr float kNegInf = -__builtin_huge_valf();
 
 // A packed [rows, heads, D] tensor as the TMA sees it: (rows, D, heads).
 template <class T, int D>
@@ -89,6 +88,11 @@ struct SharedStorage {
 template <class T, int D>
 constexpr size_t kSmemBytes = sizeof(SharedStorage<T, D>) + 1024;  // + alignment slack of the base
 
+// Device code of the sm_90a pass only (the other passes compile the kernel body out).
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+constexpr float kLn2 = 0.69314718055994531f;
+constexpr float kNegInf = -__builtin_huge_valf();
+
 // The kept key tiles of query rows [q0, q0 + nq), in order: tile k0 (a multiple of BN) is the first from
 // `from` that the mask does not remove, keys.end when none is left.
 template <int BN>
@@ -123,11 +127,12 @@ __device__ __forceinline__ void warpgroup_gemm(Mma& mma, TA const& a, TB const& 
   warpgroup_wait<0>();
   warpgroup_fence_operand(c);
 }
+#endif
 
 template <class T, int D>
 __global__ void __launch_bounds__(Config<T, D>::kThreads, 1)
     block_attention_fwd_sm90_kernel(const __grid_constant__ KernelParams<T, D> p) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using C = Config<T, D>;
   using Pipeline = cutlass::PipelineTmaAsync<C::kStages>;
   constexpr int kBM = C::kBM, kBN = C::kBN;
@@ -235,10 +240,19 @@ __global__ void __launch_bounds__(Config<T, D>::kThreads, 1)
   for (int64_t k0 = first_tile; k0 < keys.end; k0 = next_kept_tile<kBN>(dm, q0, nq, keys, k0 + kBN)) {
     pipeline.consumer_wait(read);
     const int stage = read.index();
+    const bool crosses_end = k0 + kBN > dm.len_k;  // the same for every consumer thread
+    if (crosses_end) {
+      // V rows past the document's end belong to the next document: both warpgroups zero them before any P V.
+      const int valid = static_cast<int>(dm.len_k - k0);
+      Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename C::SmemKV{});
+      for (int idx = ct; idx < (kBN - valid) * D; idx += C::kConsumerThreads)
+        sV(valid + idx / D, idx % D, stage) = T(0.0f);
+      cutlass::arch::fence_view_async_shared();
+      cutlass::arch::NamedBarrier::sync(C::kConsumerThreads, 1);
+    }
     const TileKind kind = classify_tile(dm, wg_q0, wg_q0 + C::kRowsPerWarpgroup, k0, k0 + kBN);
     if (kind != TileKind::kSkip) {
       warpgroup_gemm<true>(mma_qk, tSrQ, tSrK(_, _, _, stage), tSrS);
-      const bool crosses_end = k0 + kBN > dm.len_k;
       if (kind == TileKind::kPartial || crosses_end) {
         CUTE_UNROLL
         for (int hh = 0; hh < 2; ++hh) {
@@ -256,14 +270,6 @@ __global__ void __launch_bounds__(Config<T, D>::kThreads, 1)
       } else {
         CUTE_UNROLL
         for (int i = 0; i < size(S); ++i) S(i) *= p.scale_log2;
-      }
-      if (crosses_end) {
-        // V rows past the document's end belong to the next document: zero them for this warpgroup's P V.
-        const int valid = static_cast<int>(dm.len_k - k0);
-        Tensor sV = make_tensor(make_smem_ptr(ss.v.data()), typename C::SmemKV{});
-        for (int idx = ct % 128; idx < (kBN - valid) * D; idx += 128) sV(valid + idx / D, idx % D, stage) = T(0.0f);
-        cutlass::arch::fence_view_async_shared();
-        cutlass::arch::NamedBarrier::sync(128, 1 + wg);
       }
 
       float alpha[2];

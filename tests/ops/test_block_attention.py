@@ -282,6 +282,24 @@ CUDA_KERNELS = ["flash2", "hopper"]
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("lens", [[3000], [2900, 0, 64]])
+def test_decode_cuda_long_caches_split_the_keys(lens):
+    # Few sequences and long caches: the keys are split into runs (split-KV) whose partial results are merged;
+    # a sequence without cache rows leaves most runs empty.
+    g = torch.Generator().manual_seed(25)
+    B, Smax = len(lens), 3008
+    q, k_new, v_new = (torch.randn(B, 32, h, 128, generator=g).to("cuda", torch.bfloat16) for h in (16, 4, 4))
+    k_cache, v_cache = (torch.randn(B, Smax, 4, 128, generator=g).to("cuda", torch.bfloat16) for _ in range(2))
+    cache_seqlens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    out, lse = block_attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, return_lse=True)
+    ref, ref_lse = block_attention_decode_ref(q.float(), k_cache.float(), v_cache.float(), cache_seqlens,
+                                              k_new.float(), v_new.float(), return_lse=True)
+    ref_lowp = block_attention_decode_ref(q, k_cache, v_cache, cache_seqlens, k_new, v_new)
+    assert_close_to_reference(out, ref, ref_lowp, name="out")
+    assert_close_to_reference(lse, ref_lse, atol=1e-3, name="lse")
+
+
+@pytest.mark.gpu
 def test_decode_cuda_takes_cache_seqlens_from_the_cpu():
     g = torch.Generator().manual_seed(24)
     q, k_new, v_new = (torch.randn(3, 32, h, 128, generator=g).to("cuda", torch.bfloat16) for h in (16, 4, 4))

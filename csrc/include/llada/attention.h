@@ -100,7 +100,10 @@ Status block_attention_fwd_cuda(const BlockAttentionParams& p, cudaStream_t stre
 Status block_attention_bwd_cuda(const BlockAttentionBwdParams& p, void* workspace, cudaStream_t stream);
 int64_t block_attention_bwd_cuda_workspace_bytes(const BlockAttentionBwdParams& p);
 // The decode form on the forward kernel, reading the cache in place; cache_seqlens is a device pointer here.
-Status block_attention_decode_cuda(const BlockAttentionDecodeParams& p, cudaStream_t stream);
+// `workspace` is device memory of block_attention_decode_cuda_workspace_bytes(p) bytes (the partial results
+// of split-KV, chosen from the current device's size; 0 bytes and nullptr where no split pays).
+Status block_attention_decode_cuda(const BlockAttentionDecodeParams& p, void* workspace, cudaStream_t stream);
+int64_t block_attention_decode_cuda_workspace_bytes(const BlockAttentionDecodeParams& p);
 #endif
 
 }  // namespace llada
