@@ -111,7 +111,8 @@ def bench_case(mask: str, total: int, device: str, dtype: torch.dtype, repeats: 
     return rows
 
 
-def bench_decode(batch: int, cached: int, device: str, dtype: torch.dtype, repeats: int, bandwidth: float) -> list[dict]:
+def bench_decode(batch: int, cached: int, device: str, dtype: torch.dtype, repeats: int,
+                 bandwidth: float) -> list[dict]:
     g = torch.Generator().manual_seed(1)
 
     def rand(*shape):

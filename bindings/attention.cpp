@@ -261,7 +261,8 @@ void check_decode_args(const Tensor& q, const Tensor& k_cache, const Tensor& v_c
                    cache_seqlens.scalar_type());
   TORCH_CHECK_VALUE(cache_seqlens.dim() == 1 && cache_seqlens.size(0) == B, op, ": cache_seqlens must be [B] = [", B,
                     "], got shape ", cache_seqlens.sizes());
-  check_same_device(op, {{"q", &q}, {"k_cache", &k_cache}, {"v_cache", &v_cache}, {"k_new", &k_new}, {"v_new", &v_new}});
+  check_same_device(op,
+                    {{"q", &q}, {"k_cache", &k_cache}, {"v_cache", &v_cache}, {"k_new", &k_new}, {"v_new", &v_new}});
   TORCH_CHECK_VALUE(cache_seqlens.is_cpu() || cache_seqlens.device() == q.device(), op, ": cache_seqlens is on ",
                     cache_seqlens.device(), " but q is on ", q.device(), " (it may also be on the CPU)");
   attention_dtype(q, op, "q");

@@ -44,8 +44,9 @@ class CachedContext:
     def attend(self, q, k, v, layer: int, scale: float) -> torch.Tensor:
         B, Lb = self.batch, self.block
         q4, k4, v4 = (t.view(B, Lb, t.shape[1], t.shape[2]) for t in (q, k, v))   # [B, Lb, heads, D]
-        out = self.ops.block_attention_decode(q4, self.cache.k[layer], self.cache.v[layer],
-                                              self.cache.host_seqlens(), k4, v4, softmax_scale=scale)  # [B, Lb, Hq, D]
+        lengths = self.cache.host_seqlens()                                            # int32 [B], on the CPU
+        out = self.ops.block_attention_decode(q4, self.cache.k[layer], self.cache.v[layer], lengths, k4, v4,
+                                              softmax_scale=scale)                   # [B, Lb, Hq, D]
         if self.write_rows is not None and self.write_rows.numel():
             self.cache.write_block(layer, self.write_rows, k4[self.write_rows], v4[self.write_rows])
         return out.reshape(B * Lb, q.shape[1], q.shape[2])
