@@ -153,8 +153,8 @@ class _Run:
             self.stats.forward_passes += 1
             last = torch.cat([torch.arange(c - self.Lb, c) for c in cu[1:].tolist()]).to(ids.device)
             self.denoise(active, logits[last].view(len(active), self.Lb, -1))
-            for s in active:
-                if self.block_finished(s):
+            for s, finished in zip(active, self.blocks_finished(active)):
+                if finished:
                     self.next_block(s)
 
     def cached(self) -> None:
@@ -183,11 +183,11 @@ class _Run:
             denoising = [row for row, s in enumerate(slots) if not s.writing]
             if denoising:
                 self.denoise([slots[r] for r in denoising], logits[denoising])
-            for row, s in enumerate(slots):
+            for s, finished in zip(slots, self.blocks_finished(slots)):
                 if s.writing:
                     s.writing = False
                     s.block += 1
-                elif self.block_finished(s):
+                elif finished:
                     self.next_block(s, writes_cache=True)
             keep = [row for row, s in enumerate(slots) if not s.done]
             if len(keep) < len(slots):
@@ -209,13 +209,15 @@ class _Run:
                                     **self.sampling) for i, s in enumerate(seqs)]
             new_tokens = torch.cat([p.tokens for p in parts])
             committed = torch.cat([p.committed for p in parts])
+        eos_committed = [False] * len(seqs)
+        if self.eos_early_stop and self.eos_id is not None:
+            eos_committed = ((new_tokens == self.eos_id) & committed).any(1).tolist()      # one sync for the batch
         for i, s in enumerate(seqs):
             s.current(Lb).copy_(new_tokens[i])
             s.step += 1
             s.draws += 1
             self.stats.denoise_steps += 1
-            if self.eos_early_stop and self.eos_id is not None and bool(
-                    (new_tokens[i][committed[i]] == self.eos_id).any()):
+            if eos_committed[i]:
                 self.early_stop(s)
 
     def early_stop(self, s: _Sequence) -> None:
@@ -224,8 +226,10 @@ class _Run:
         if len(eos) and not bool((generated[:int(eos[0])] == self.mask_id).any()):
             self.finish(s)
 
-    def block_finished(self, s: _Sequence) -> bool:
-        return not s.done and (s.step >= self.steps or not bool((s.current(self.Lb) == self.mask_id).any()))
+    def blocks_finished(self, seqs: list[_Sequence]) -> list[bool]:
+        """Per sequence: its block is done (no MASK left, or out of steps) and it is still running."""
+        masked = (torch.stack([s.current(self.Lb) for s in seqs]) == self.mask_id).any(1).tolist()  # one sync
+        return [not s.done and (s.step >= self.steps or not m) for s, m in zip(seqs, masked)]
 
     def next_block(self, s: _Sequence, writes_cache: bool = False) -> None:
         """After a finished block: stop on EOS or at the last block, else move on (through a cache write)."""
