@@ -9,12 +9,11 @@ copy bandwidth measured in the same run). Random weights give near-uniform logit
 scheduled minimum (TPF about 1): the speeds are per-step speeds. The last line printed is JSON.
 """
 import argparse
-import time
 
 import torch
 
-import llada_engine
 from benchmarks.timer import peak_bandwidth, print_json, print_table
+from llada_engine.decoding.speed import random_prompts, speed_row
 from llada_engine.model import LLaDA2Config
 from llada_engine.model.init import random_model
 
@@ -62,34 +61,15 @@ def main(argv=None):
     config = LLaDA2Config(**SHAPES[shape])
     model = random_model(config, seed=0, dtype=dtype, device=args.device)
     bandwidth = peak_bandwidth(args.device) if on_gpu else None
-    g = torch.Generator().manual_seed(0)
 
     rows = []
     for batch in batches:
-        prompts = [torch.randint(0, config.vocab_size - 2, (args.prompt_length,), generator=g).tolist()
-                   for _ in range(batch)]
-        result = {}
-        for use_cache in (True, False):
-            llada_engine.generate(model, prompts, gen_length=8, block_length=8, steps=8, use_cache=use_cache)
-            if on_gpu:
-                torch.cuda.synchronize()
-            begin = time.perf_counter()
-            out = llada_engine.generate(model, prompts, gen_length=gen_length, use_cache=use_cache)
-            if on_gpu:
-                torch.cuda.synchronize()
-            result[use_cache] = (out, time.perf_counter() - begin)
-        (cached, t_c), (uncached, t_u) = result[True], result[False]
-        row = {"shape": shape, "batch": batch, "gen": gen_length, "tokens": cached.stats.tokens,
-               "TPF": cached.stats.tokens_per_forward,
-               "cached_tok_s": cached.stats.tokens / t_c, "uncached_tok_s": uncached.stats.tokens / t_u,
-               "speedup": t_u / t_c * uncached.stats.tokens / max(cached.stats.tokens, 1),
-               "cached_step_ms": t_c / cached.stats.forward_passes * 1e3,
-               "uncached_step_ms": t_u / uncached.stats.forward_passes * 1e3,
-               "identical": cached.sequences == uncached.sequences}
+        prompts = random_prompts(config, batch, args.prompt_length)
+        row = {"shape": shape} | speed_row(model, prompts, gen_length=gen_length)
         if on_gpu:
             floor = step_floor_bytes(model, batch, args.prompt_length + gen_length) / bandwidth
             row["step_floor_ms"] = floor * 1e3
-            row["frac_floor"] = floor / (t_c / cached.stats.forward_passes)
+            row["frac_floor"] = floor / (row["cached_step_ms"] / 1e3)
         rows.append(row)
     device_name = torch.cuda.get_device_name() if on_gpu else f"cpu x{torch.get_num_threads()}"
     print(f"decode on {device_name}, shape {shape}, {str(dtype).replace('torch.', '')}")

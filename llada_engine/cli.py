@@ -5,6 +5,8 @@
                                                (without --model: the embedded default model)
     llada-engine train CONFIG [--resume]       a training run (llada_engine/training), see configs/
     llada-engine merge --run RUN --top-k K --out DIR   the mean of a run's K best checkpoints by validation loss
+    llada-engine bench [--model DIR] [--batch 1 8]    decoding speed on this machine, cached and uncached
+                                               (random prompts; a table, then one JSON line)
 """
 import argparse
 import sys
@@ -88,6 +90,37 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    import llada_engine
+    from llada_engine.decoding.speed import random_prompts, speed_row
+
+    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    model = llada_engine.load_model(args.model, dtype=dtype, device=args.device, backend=args.backend)
+    rows = []
+    for batch in args.batch:
+        prompts = random_prompts(model.config, batch, args.prompt_length, seed=args.seed)
+        rows.append(speed_row(model, prompts, gen_length=args.gen_length, uncached=not args.cached_only,
+                              block_length=args.block_length, steps=args.steps, threshold=args.threshold))
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()),
+              flush=True)
+    on_gpu = model.device.type == "cuda"
+    device = torch.cuda.get_device_name(model.device) if on_gpu else f"cpu x{torch.get_num_threads()}"
+    print(json.dumps({"benchmark": "generate", "model": str(args.model), "device": device,
+                      "dtype": str(model.dtype).replace("torch.", ""), "rows": rows}, sort_keys=True))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llada-engine", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -130,6 +163,21 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--top-k", type=int, default=3)
     merge.add_argument("--out", required=True, help="output folder")
     merge.set_defaults(run=_merge)
+
+    bench = commands.add_parser("bench", help="decoding speed of a checkpoint on this machine (random prompts)")
+    bench.add_argument("--model", default="default", help="checkpoint folder; default: the embedded model")
+    bench.add_argument("--batch", type=_positive_int, nargs="+", default=[1, 8], help="batch sizes to time")
+    bench.add_argument("--prompt-length", type=_positive_int, default=64)
+    bench.add_argument("--gen-length", type=_positive_int, default=128)
+    bench.add_argument("--block-length", type=_positive_int, default=32)
+    bench.add_argument("--steps", type=_positive_int, default=32)
+    bench.add_argument("--threshold", type=float, default=0.95)
+    bench.add_argument("--cached-only", action="store_true", help="skip the uncached path (slow on long prompts)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    bench.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
+    bench.add_argument("--backend", choices=["kernels", "reference"], default="kernels")
+    bench.set_defaults(run=_bench)
     return parser
 
 

@@ -1,5 +1,7 @@
 """`llada-engine generate` end to end on a tiny checkpoint with its own tokenizer: streamed text, a stats line,
-prompts from a file decoded as one batch, the chat format, and a clear error for a missing checkpoint."""
+prompts from a file decoded as one batch, the chat format, and a clear error for a missing checkpoint;
+`llada-engine bench` on the same checkpoint."""
+import json
 import subprocess
 import sys
 
@@ -37,3 +39,18 @@ def test_generate_batch_from_file_and_chat(checkpoint, tmp_path):
 def test_generate_missing_checkpoint_is_a_clear_error(tmp_path):
     proc = run_cli("generate", "--model", str(tmp_path / "none"), "hi", check=False)
     assert proc.returncode != 0 and "no such checkpoint folder" in proc.stderr
+
+
+def test_bench_times_cached_and_uncached_decoding(checkpoint):
+    out = run_cli("bench", "--model", str(checkpoint), "--batch", "1", "3", "--prompt-length", "9", "--gen-length",
+                  "16", "--block-length", "8").stdout
+    record = json.loads(out.strip().splitlines()[-1])
+    assert record["benchmark"] == "generate" and [r["batch"] for r in record["rows"]] == [1, 3]
+    for row in record["rows"]:
+        assert row["identical"] and row["tokens"] > 0 and row["cached_tok_s"] > 0 and row["uncached_tok_s"] > 0
+        assert row["TPF"] > 0 and row["prompt"] == 9 and row["gen"] == 16
+
+
+def test_bench_rejects_a_zero_batch(checkpoint):
+    proc = run_cli("bench", "--model", str(checkpoint), "--batch", "0", check=False)
+    assert proc.returncode != 0 and "--batch: must be a positive integer, got 0" in proc.stderr
