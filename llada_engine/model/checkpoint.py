@@ -14,6 +14,7 @@ from typing import Iterator, Optional, Union
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tqdm import tqdm
 
 from .config import LLaDA2Config
 from .default import resolve_checkpoint
@@ -22,6 +23,7 @@ from .model import LLaDA2Model
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+PROGRESS_BYTES = 1 << 30  # load_model shows a progress bar from this size on, unless told otherwise
 
 
 def release_tensors(model: LLaDA2Model) -> Iterator[tuple[str, torch.Tensor, str, tuple]]:
@@ -91,9 +93,10 @@ def _unreadable(file: Path, error: Exception) -> ValueError:
 
 
 def load_model(path: Union[str, Path], *, dtype: Optional[torch.dtype] = None, device=None,
-               backend: str = "kernels") -> LLaDA2Model:
+               backend: str = "kernels", progress: Optional[bool] = None) -> LLaDA2Model:
     """Loads an official LLaDA2.0 checkpoint (or one saved by save_pretrained) from the folder `path`;
-    "default" loads the embedded default model."""
+    "default" loads the embedded default model. `progress` shows a progress bar on stderr (None: for
+    checkpoints of 1 GB and more)."""
     path = resolve_checkpoint(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint folder")
@@ -130,9 +133,12 @@ def load_model(path: Union[str, Path], *, dtype: Optional[torch.dtype] = None, d
         _materialize(model, dtypes, device)
         params = dict(model.named_parameters())
         params.update(dict(model.named_buffers()))
-        with torch.no_grad():
-            for release, _, ours, index in plan:
-                target = params[ours][index] if index else params[ours]
+        targets = [params[ours][index] if index else params[ours] for _, _, ours, index in plan]
+        total = sum(t.numel() * t.element_size() for t in targets)
+        show = progress if progress is not None else total >= PROGRESS_BYTES
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"loading {path.name}", disable=not show)
+        with torch.no_grad(), bar:
+            for (release, _, _, _), target in zip(plan, targets):
                 file = files[release]
                 try:
                     tensor = handle(file).get_tensor(release)
@@ -142,6 +148,7 @@ def load_model(path: Union[str, Path], *, dtype: Optional[torch.dtype] = None, d
                     raise ValueError(f"{file}: tensor {release} has shape {list(tensor.shape)}, "
                                      f"expected {list(target.shape)}")
                 target.copy_(tensor)
+                bar.update(target.numel() * target.element_size())
                 del tensor
     finally:
         handles.clear()
