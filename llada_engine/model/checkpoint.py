@@ -172,9 +172,11 @@ def parse_size(size: Union[int, str]) -> int:
     return int(number * scale)
 
 
-def save_pretrained(model: LLaDA2Model, path: Union[str, Path], *, max_shard_size: Union[int, str] = "5GB") -> None:
+def save_pretrained(model: LLaDA2Model, path: Union[str, Path], *, max_shard_size: Union[int, str] = "5GB",
+                    progress: Optional[bool] = None) -> None:
     """Writes config.json and the weights under the release's names, in shards of at most max_shard_size
-    (a single tensor larger than that gets a shard of its own). One shard is in memory at a time."""
+    (a single tensor larger than that gets a shard of its own). One shard is in memory at a time. `progress`
+    shows a progress bar on stderr (None: for models of 1 GB and more)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     limit = parse_size(max_shard_size)
@@ -192,15 +194,19 @@ def save_pretrained(model: LLaDA2Model, path: Union[str, Path], *, max_shard_siz
             written.append((temp, list(shard)))
             shard, size = {}, 0
 
-    for release, tensor, _, index in release_tensors(model):
-        part = (tensor[index] if index else tensor).detach().to("cpu").contiguous().clone()
-        nbytes = part.numel() * part.element_size()
-        if shard and size + nbytes > limit:
-            flush()
-        shard[release] = part
-        size += nbytes
-        total += nbytes
-    flush()
+    expected = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    show = progress if progress is not None else expected >= PROGRESS_BYTES
+    with tqdm(total=expected, unit="B", unit_scale=True, desc=f"saving {path.name}", disable=not show) as bar:
+        for release, tensor, _, index in release_tensors(model):
+            part = (tensor[index] if index else tensor).detach().to("cpu").contiguous().clone()
+            nbytes = part.numel() * part.element_size()
+            if shard and size + nbytes > limit:
+                flush()
+            shard[release] = part
+            size += nbytes
+            total += nbytes
+            bar.update(nbytes)
+        flush()
     if len(written) == 1:
         written[0][0].rename(path / SINGLE_FILE)
     else:

@@ -108,10 +108,10 @@ class LLaDA2Model(nn.Module):
             cache.advance(write_rows, Lb)
         return logits.view(B, Lb, -1)
 
-    def save_pretrained(self, path, *, max_shard_size="5GB") -> None:
+    def save_pretrained(self, path, *, max_shard_size="5GB", progress=None) -> None:
         from .checkpoint import save_pretrained
 
-        save_pretrained(self, path, max_shard_size=max_shard_size)
+        save_pretrained(self, path, max_shard_size=max_shard_size, progress=progress)
 
 
 def packed_positions(cu_seqlens: torch.Tensor, total: int, *, bd3: bool) -> tuple[torch.Tensor, int]:

@@ -99,13 +99,16 @@ def _break(tmp_path, change):
     return path
 
 
-def test_progress_bar_for_large_checkpoints_or_on_request(tiny, capsys):
+def test_progress_bars_for_large_checkpoints_or_on_request(tiny, capsys):
     path = tiny[0]
     llada_engine.load_model(path)
     assert "loading" not in capsys.readouterr().err        # a small checkpoint loads quietly
-    llada_engine.load_model(path, progress=True)
+    model = llada_engine.load_model(path, progress=True)
     err = capsys.readouterr().err
     assert f"loading {path.name}" in err and "100%" in err
+    model.save_pretrained(path.parent / "saved", progress=True)
+    err = capsys.readouterr().err
+    assert "saving saved" in err and "100%" in err
 
 
 def test_missing_folder_and_config(tmp_path):
