@@ -67,15 +67,16 @@ else
   # pytest-xdist, where present, runs a crashing test in a worker of its own: the other tests still report.
   xdist=()
   "$PYTHON" -c "import xdist" 2>/dev/null && xdist=(-n 8)
-  # The Hopper attention forward first, on its own and briefly: if it fails or hangs, everything after runs
-  # the sm_80 forward (LLADA_ATTENTION_KERNEL) and its own tests are left out, so the rest still reports.
+  # The Hopper attention kernels first, on their own and briefly (forward and gradients at the tile edges): if
+  # they fail or hang, everything after runs the sm_80 kernels (LLADA_ATTENTION_KERNEL) and their own tests are
+  # left out, so the rest still reports.
   smoke=(-m pytest -q -x -m gpu tests/ops/test_block_attention.py -k "tile_edges and hopper")
   step hopper-smoke 90 "$PYTHON" "${smoke[@]}"
   only=()
   if [[ $last_rc -ne 0 ]]; then
     # A failure that is not a hang (timeout's 124) is run once more under memcheck, for its first bad access.
     [[ $last_rc -ne 124 ]] && step hopper-memcheck 120 compute-sanitizer --tool memcheck "$PYTHON" "${smoke[@]}"
-    echo "   the Hopper forward failed: the remaining steps use LLADA_ATTENTION_KERNEL=flash2"
+    echo "   the Hopper kernels failed: the remaining steps use LLADA_ATTENTION_KERNEL=flash2"
     export LLADA_ATTENTION_KERNEL=flash2
     only=(-k "not hopper")
   fi

@@ -153,6 +153,18 @@ llada::AttentionKernel parse_kernel(const std::string& kernel, const Tensor& q) 
   return kernel == "hopper" ? llada::AttentionKernel::kHopper : llada::AttentionKernel::kAuto;
 }
 
+// The errors of an explicitly requested Hopper kernel, then any other.
+void check_kernel_status(llada::Status s, llada::AttentionKernel which, const char* op, const Tensor& q,
+                         const Tensor& k, const Tensor& v) {
+  const bool hopper = which == llada::AttentionKernel::kHopper;
+  TORCH_CHECK(!(hopper && s == llada::Status::kNotCompiled), op,
+              ": kernel \"hopper\" needs an sm_90 GPU and a build with sm_90a code");
+  TORCH_CHECK_VALUE(!(hopper && s == llada::Status::kBadArgument), op,
+                    ": kernel \"hopper\" needs q, k and v with 16-byte aligned rows, heads and data pointers "
+                    "(strides of q ", q.strides(), ", k ", k.strides(), ", v ", v.strides(), ")");
+  check_status(s, op);
+}
+
 std::tuple<Tensor, Tensor> block_attention_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in,
                                                const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
                                                int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t block_size,
@@ -172,12 +184,7 @@ std::tuple<Tensor, Tensor> block_attention_fwd(const Tensor& q_in, const Tensor&
 #ifdef LLADA_WITH_CUDA
     const c10::cuda::CUDAGuard guard(q.device());
     const llada::Status s = llada::block_attention_fwd_cuda(p, c10::cuda::getCurrentCUDAStream().stream(), which);
-    TORCH_CHECK(!(which == llada::AttentionKernel::kHopper && s == llada::Status::kNotCompiled),
-                "block_attention: kernel \"hopper\" needs an sm_90 GPU and a build with sm_90a code");
-    TORCH_CHECK_VALUE(!(which == llada::AttentionKernel::kHopper && s == llada::Status::kBadArgument),
-                      "block_attention: kernel \"hopper\" needs q, k and v with 16-byte aligned rows, heads and "
-                      "data pointers (strides of q ", q.strides(), ", k ", k.strides(), ", v ", v.strides(), ")");
-    check_status(s, "block_attention");
+    check_kernel_status(s, which, "block_attention", q, k, v);
 #else
     TORCH_CHECK(false, "block_attention: llada_engine was built without CUDA kernels");
 #endif
@@ -188,9 +195,11 @@ std::tuple<Tensor, Tensor> block_attention_fwd(const Tensor& q_in, const Tensor&
 std::tuple<Tensor, Tensor, Tensor> block_attention_bwd(
     const Tensor& dout, const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& out,
     const Tensor& lse, const std::optional<Tensor>& dlse, const Tensor& cu_seqlens_q, const Tensor& cu_seqlens_k,
-    int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t block_size, const std::string& mask, double softmax_scale) {
+    int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t block_size, const std::string& mask, double softmax_scale,
+    const std::string& kernel) {
   const char* op = "block_attention_bwd";
   const Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  const llada::AttentionKernel which = parse_kernel(kernel, q);
   llada::BlockAttentionBwdParams p;
   p.fwd = make_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, mask, softmax_scale);
   TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), op,
@@ -228,9 +237,9 @@ std::tuple<Tensor, Tensor, Tensor> block_attention_bwd(
     const c10::cuda::CUDAGuard guard(q.device());
     const Tensor workspace =
         at::empty({llada::block_attention_bwd_cuda_workspace_bytes(p)}, q.options().dtype(at::kByte));
-    check_status(llada::block_attention_bwd_cuda(p, workspace.numel() > 0 ? workspace.data_ptr() : nullptr,
-                                                 c10::cuda::getCurrentCUDAStream().stream()),
-                 op);
+    const llada::Status s = llada::block_attention_bwd_cuda(
+        p, workspace.numel() > 0 ? workspace.data_ptr() : nullptr, c10::cuda::getCurrentCUDAStream().stream(), which);
+    check_kernel_status(s, which, op, q, k, v);
 #else
     TORCH_CHECK(false, op, ": llada_engine was built without CUDA kernels");
 #endif

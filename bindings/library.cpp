@@ -38,11 +38,11 @@ TORCH_LIBRARY(llada, m) {
       "block_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
       "int max_seqlen_q, int max_seqlen_k, *, int block_size, str mask, float softmax_scale, "
       "str kernel=\"auto\") -> (Tensor out, Tensor lse)");
-  // Gradients dq, dk, dv of block_attention_fwd from dout (and dlse when the lse output is used).
+  // Gradients dq, dk, dv of block_attention_fwd from dout (and dlse when the lse output is used); kernel as there.
   m.def(
       "block_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? dlse, "
       "Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, int max_seqlen_k, *, int block_size, "
-      "str mask, float softmax_scale) -> (Tensor dq, Tensor dk, Tensor dv)");
+      "str mask, float softmax_scale, str kernel=\"auto\") -> (Tensor dq, Tensor dk, Tensor dv)");
   // Decoding: the current block's queries [B, Lb, Hq, D] against the first cache_seqlens[b] rows of a
   // contiguous per-sequence cache [B, Smax, Hkv, D] plus the block's own keys, no mask inside the block.
   // cache_seqlens int32 [B] on q's device, or on the CPU (validated there, no device synchronisation).

@@ -1,7 +1,8 @@
-// Tile shapes, shared-memory layouts and accumulator views of the Hopper forward of block attention
-// (block_attention_fwd_sm90.cu). Pure CuTe layout algebra, host and device: tests/cpp/test_attention_sm90_layout.cu
-// checks on the CPU what the kernel assumes of them (which rows and columns a thread's accumulator holds,
-// and that the S accumulator re-read as the A operand of O = P V names the same elements).
+// Tile shapes, shared-memory layouts and accumulator views of the Hopper forward and backward of block
+// attention (block_attention_fwd_sm90.cu, block_attention_bwd_sm90.cu). Pure CuTe layout algebra, host and
+// device: tests/cpp/test_attention_sm90_layout.cu checks on the CPU what the kernels assume of them (which rows
+// and columns a thread's accumulator holds, that an accumulator re-read as the A operand of the next GEMM
+// names the same elements, and that every transposed view is the same memory).
 #pragma once
 
 #include <cute/atom/mma_traits_sm90_gmma.hpp>
@@ -41,6 +42,52 @@ struct Config {
 
   static constexpr int kTileBytes = kBN * D * sizeof(T);  // one K or V stage
   static constexpr int kQBytes = kBM * D * sizeof(T);
+};
+
+// Backward. One CTA: a producer warpgroup and two consumer warpgroups, 128 keys of one kv head (64 per consumer
+// warpgroup), walking the query tiles (64 rows) of every query head of the GQA group.
+template <class T, int D>
+struct BwdConfig {
+  static constexpr int kBM = 64;            // query rows per tile
+  static constexpr int kBN = 128;           // keys per CTA
+  static constexpr int kStages = 2;         // Q/dO tiles in flight
+  static constexpr int kConsumerThreads = 256;
+  static constexpr int kThreads = 128 + kConsumerThreads;
+  static constexpr int kKeysPerWarpgroup = 64;
+
+  using AtomLayoutKeys = Layout<Shape<_2, _1, _1>>;
+  // S^T [BN, BM] = K Q^T and dP^T = V dO^T: both operands from shared memory, rows split over the warpgroups.
+  using MmaSdP = decltype(make_tiled_mma(GMMA::ss_op_selector<T, T, float, Shape<Int<kBN>, Int<kBM>, Int<D>>>(),
+                                         AtomLayoutKeys{}));
+  // dV [BN, D] += P^T dO and dK += dS^T Q: P^T / dS^T from registers, dO / Q read N-major (D contiguous).
+  using MmaKV = decltype(make_tiled_mma(
+      GMMA::rs_op_selector<T, T, float, Shape<Int<kBN>, Int<D>, Int<kBM>>, GMMA::Major::K, GMMA::Major::MN>(),
+      AtomLayoutKeys{}));
+  // dQ [BM, D] = dS K: dS read M-major from the dS^T tile, K read N-major; the warpgroups split D.
+  using MmaQ = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<T, T, float, Shape<Int<kBM>, Int<D / 2>, Int<kBN>>, GMMA::Major::MN, GMMA::Major::MN>(),
+      Layout<Shape<_1, _2, _1>>{}));
+
+  using SmemKV = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<kBN>, Int<D>>{}));
+  using SmemQ = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<kBM>, Int<D>, Int<kStages>>{}));
+  // Q and dO seen as [D, BM] per stage: the B operand of dK and dV.
+  using SmemQt = decltype(composition(
+      SmemQ{}, make_ordered_layout(Shape<Int<D>, Int<kBM>, Int<kStages>>{}, Step<_2, _1, _3>{})));
+  // K seen as [D, BN]: the B operand of dQ.
+  using SmemKt = decltype(composition(SmemKV{}, make_ordered_layout(Shape<Int<D>, Int<kBN>>{}, Step<_2, _1>{})));
+  // dS^T [BN, BM] as the consumers write it, and seen as dS [BM, BN]: the A operand of dQ.
+  using SmemdSt = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<T>{}, Shape<Int<kBN>, Int<kBM>>{}));
+  using SmemdS = decltype(composition(SmemdSt{}, make_ordered_layout(Shape<Int<kBM>, Int<kBN>>{}, Step<_2, _1>{})));
+
+  static constexpr int kKVBytes = kBN * D * sizeof(T);  // K or V
+  static constexpr int kQBytes = kBM * D * sizeof(T);   // one stage of Q or dO
+  static_assert(kBM * sizeof(T) == 128, "dS^T rows are one 128-byte swizzle row (dst_offset)");
+
+  // Element offset of dS^T (key n, query m = 8 chunk + within) in SmemdSt from a 1024-byte aligned base: the
+  // 128-byte swizzle XORs the 16-byte chunk index of a row with the row's index mod 8.
+  CUTE_HOST_DEVICE static constexpr int dst_offset(int n, int chunk, int within) {
+    return n * kBM + 8 * (chunk ^ (n & 7)) + within;
+  }
 };
 
 // An SM90 accumulator fragment ((2, 2, N / 8), M', N') as (row, column): mode 0 of the result is the

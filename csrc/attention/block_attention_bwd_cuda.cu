@@ -12,6 +12,8 @@
 //        dq_accum += scale dS K                              (fp32 atomics)
 //      then writes scale dK and dV.
 //   3. dq = dq_accum in the input dtype.
+// On sm_90 the Hopper kernel (block_attention_bwd_sm90.cu) takes step 2 where the inputs allow it, unless told
+// otherwise (AttentionKernel).
 // Q and dO tiles are double-buffered: cp.async copies pair t + 1 while pair t is computed (16-byte aligned
 // rows; others load synchronously).
 #include <cuda_runtime.h>
@@ -20,6 +22,7 @@
 #include <cute/tensor.hpp>
 
 #include "attention/attention_cuda_tile.cuh"
+#include "attention/block_attention_sm90.h"
 #include "attention/block_mask.h"
 #include "common/cuda_check.h"
 #include "llada/attention.h"
@@ -267,8 +270,10 @@ Workspace carve(const BlockAttentionBwdParams& p, void* workspace) {
   return Workspace{base, base + delta_floats};
 }
 
+// The main kernel on sm_90: the Hopper one (kHopper, or kAuto where the inputs allow it), else this file's.
 template <class T, int D>
-Status launch(const BlockAttentionBwdParams& bp, void* workspace, cudaStream_t stream) {
+Status launch(const BlockAttentionBwdParams& bp, void* workspace, cudaStream_t stream, AttentionKernel kernel,
+              bool hopper_device) {
   const BlockAttentionParams& p = bp.fwd;
   const Workspace ws = carve(bp, workspace);
   const int64_t rows = p.total_q * p.heads_q;
@@ -278,8 +283,15 @@ Status launch(const BlockAttentionBwdParams& bp, void* workspace, cudaStream_t s
     bwd_preprocess_kernel<T, D><<<static_cast<unsigned>(blocks), 256, 0, stream>>>(bp, rows, ws.delta, ws.dq_accum);
     LLADA_RETURN_IF_CUDA_ERROR(cudaGetLastError());
   }
+  bool done = false;
+  if (kernel == AttentionKernel::kHopper || (kernel == AttentionKernel::kAuto && hopper_device &&
+                                             block_attention_bwd_sm90_supported(bp))) {
+    const Status s = block_attention_bwd_sm90(bp, ws.delta, ws.dq_accum, stream);
+    if (s != Status::kOk && !(s == Status::kNotCompiled && kernel == AttentionKernel::kAuto)) return s;
+    done = s == Status::kOk;
+  }
   const int64_t k_tiles = (p.max_seqlen_k + kBK - 1) / kBK;
-  if (k_tiles > 0 && p.num_seqs > 0) {
+  if (!done && k_tiles > 0 && p.num_seqs > 0) {
     if (k_tiles * p.num_seqs > INT32_MAX || p.heads_kv > 65535) return Status::kBadArgument;
     const dim3 grid(static_cast<unsigned>(k_tiles * p.num_seqs), static_cast<unsigned>(p.heads_kv));
     const size_t smem = sizeof(BwdSmem<T, D>);
@@ -298,10 +310,11 @@ Status launch(const BlockAttentionBwdParams& bp, void* workspace, cudaStream_t s
 }
 
 template <class T>
-Status dispatch_head_dim(const BlockAttentionBwdParams& p, void* workspace, cudaStream_t stream) {
+Status dispatch_head_dim(const BlockAttentionBwdParams& p, void* workspace, cudaStream_t stream,
+                         AttentionKernel kernel, bool hopper_device) {
   switch (p.fwd.head_dim) {
-    case 64: return launch<T, 64>(p, workspace, stream);
-    case 128: return launch<T, 128>(p, workspace, stream);
+    case 64: return launch<T, 64>(p, workspace, stream, kernel, hopper_device);
+    case 128: return launch<T, 128>(p, workspace, stream, kernel, hopper_device);
     default: return Status::kBadArgument;
   }
 }
@@ -313,13 +326,19 @@ int64_t block_attention_bwd_cuda_workspace_bytes(const BlockAttentionBwdParams& 
   return ((rows + 3) / 4 * 4 + rows * p.fwd.head_dim) * static_cast<int64_t>(sizeof(float));
 }
 
-Status block_attention_bwd_cuda(const BlockAttentionBwdParams& p, void* workspace, cudaStream_t stream) {
+Status block_attention_bwd_cuda(const BlockAttentionBwdParams& p, void* workspace, cudaStream_t stream,
+                                AttentionKernel kernel) {
   const BlockAttentionParams& f = p.fwd;
   if (f.block_size < 1 || f.heads_kv < 1 || f.heads_q % f.heads_kv != 0) return Status::kBadArgument;
   if (f.total_q * f.heads_q > 0 && workspace == nullptr) return Status::kBadArgument;
+  int device = 0, major = 0;
+  LLADA_RETURN_IF_CUDA_ERROR(cudaGetDevice(&device));
+  LLADA_RETURN_IF_CUDA_ERROR(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  if (f.total_q == 0 || f.total_k == 0) kernel = AttentionKernel::kFlash2;  // nothing for the Hopper kernel
+  if (kernel == AttentionKernel::kHopper && major != 9) return Status::kNotCompiled;
   switch (f.dtype) {
-    case DType::kBFloat16: return dispatch_head_dim<cutlass::bfloat16_t>(p, workspace, stream);
-    case DType::kFloat16: return dispatch_head_dim<cutlass::half_t>(p, workspace, stream);
+    case DType::kBFloat16: return dispatch_head_dim<cutlass::bfloat16_t>(p, workspace, stream, kernel, major == 9);
+    case DType::kFloat16: return dispatch_head_dim<cutlass::half_t>(p, workspace, stream, kernel, major == 9);
     default: return Status::kBadArgument;
   }
 }

@@ -25,7 +25,7 @@
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
 #include "attention/attention_sm90.cuh"
-#include "attention/block_attention_fwd_sm90.h"
+#include "attention/block_attention_sm90.h"
 #include "attention/block_mask.h"
 #include "common/cuda_check.h"
 

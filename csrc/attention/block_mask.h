@@ -83,6 +83,37 @@ LLADA_HD bool mask_keep(const DocMask& m, int64_t i, int64_t j) {
   return coords_keep(m.kind, query_coord(m, i), key_coord(m, j));
 }
 
+// The same coordinates in 32-bit arithmetic, for kernels that evaluate the mask per element (a document has
+// fewer than 2^31 rows; block sizes above INT32_MAX act as INT32_MAX). keep32(query_coord32(..), key_coord32(..))
+// equals mask_keep.
+struct MaskCoord32 {
+  int block = 0;
+  bool clean = false;
+};
+
+LLADA_HD int block_size32(int64_t block_size) { return static_cast<int>(min_i64(block_size, 0x7fffffff)); }
+
+LLADA_HD MaskCoord32 query_coord32(AttentionMask kind, int i, int len_q, int len_k, int bs) {
+  if (kind == AttentionMask::kBlockCausal) {
+    const int pos = i + len_k - len_q;  // negative only for queries before the first key (len_q > len_k)
+    return MaskCoord32{pos >= 0 ? pos / bs : static_cast<int>(-((static_cast<int64_t>(bs) - 1 - pos) / bs)), false};
+  }
+  const int n = len_q / 2;
+  return MaskCoord32{(i >= n ? i - n : i) / bs, i >= n};
+}
+
+LLADA_HD MaskCoord32 key_coord32(AttentionMask kind, int j, int len_k, int bs) {
+  if (kind == AttentionMask::kBlockCausal) return MaskCoord32{j / bs, false};
+  const int n = len_k / 2;
+  return MaskCoord32{(j >= n ? j - n : j) / bs, j >= n};
+}
+
+LLADA_HD bool keep32(AttentionMask kind, MaskCoord32 q, MaskCoord32 k) {
+  if (kind == AttentionMask::kBlockCausal) return k.block <= q.block;
+  if (q.clean) return k.clean && k.block <= q.block;
+  return k.clean ? k.block < q.block : k.block == q.block;
+}
+
 // The keys query row i sees: the kept keys of one row are at most two ranges of key rows.
 //   block_causal: [0, end of the row's block); bd3 clean row: the clean keys up to the end of its block;
 //   bd3 noisy row: its own noisy block, and the clean keys of strictly earlier blocks.

@@ -19,7 +19,7 @@ Masks (pos = position in its sequence, blk(p) = p // block_size):
 block_attention is differentiable in q, k and v (and through lse). On CUDA, `kernel` picks the forward:
 "hopper" (wgmma + TMA, sm_90a builds on H100/H200, 16-byte aligned rows), "flash2" (any sm_80+ GPU) or
 "auto" (hopper where it applies; the default, unless the environment sets LLADA_ATTENTION_KERNEL); the
-backward is the same for both. The decode form: the current block of
+backward's main kernel follows the same choice. The decode form: the current block of
 every sequence, q / k_new / v_new [B, Lb, H, D], sees the first cache_seqlens[b] rows of its contiguous
 cache [B, Smax, Hkv, D] and all Lb new keys (no mask inside the block); nothing is copied into the cache.
 cache_seqlens (int32 [B]) may live on the CPU with the rest on a GPU: it is validated there and uploaded
@@ -46,7 +46,7 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
                     mask: str = "block_causal", softmax_scale: Optional[float] = None, return_lse: bool = False,
                     kernel: Optional[str] = None):
     """Block attention over packed documents (see the module doc): out [Tq, Hq, D] (and lse [Tq, Hq]).
-    `kernel` picks the CUDA forward: "auto", "flash2" or "hopper" (the CPU takes "auto" only); None means
+    `kernel` picks the CUDA kernels: "auto", "flash2" or "hopper" (the CPU takes "auto" only); None means
     $LLADA_ATTENTION_KERNEL on CUDA when set, else "auto"."""
     require_kernels("block_attention")
     if kernel is None:
@@ -161,7 +161,7 @@ if kernels_available():
 
     @torch.library.register_fake("llada::block_attention_bwd")
     def _block_attention_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                  max_seqlen_k, *, block_size, mask, softmax_scale):
+                                  max_seqlen_k, *, block_size, mask, softmax_scale, kernel="auto"):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     @torch.library.register_fake("llada::block_attention_decode")
@@ -173,7 +173,7 @@ if kernels_available():
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
         ctx.max_seqlen = (max_seqlen_q, max_seqlen_k)
-        ctx.options = {name: value for name, value in keyword_only_inputs.items() if name != "kernel"}
+        ctx.options = keyword_only_inputs
 
     def _backward(ctx, dout, dlse):
         q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors

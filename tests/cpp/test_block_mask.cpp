@@ -1,6 +1,6 @@
 // The block-attention mask (csrc/attention/block_mask.h): the predicate against the rule of DESIGN.md
-// §3.1 written out independently, and the tile classification and key/query ranges against the
-// element-wise predicate, and the per-row kept key ranges, for many lengths, block sizes and tile shapes.
+// §3.1 written out independently; the tile classification, the key/query ranges, the per-row kept key
+// ranges and the 32-bit coordinates against it, for many lengths, block sizes and tile shapes.
 #include <cstdint>
 #include <cstdio>
 #include <initializer_list>
@@ -41,6 +41,20 @@ static void check_doc(const DocMask& m, int64_t tq, int64_t tk) {
         return;
       }
     }
+  const int bs32 = llada::block_size32(m.block_size);
+  for (int64_t i = 0; i < m.len_q; ++i) {
+    const llada::MaskCoord32 qc =
+        llada::query_coord32(m.kind, static_cast<int>(i), static_cast<int>(m.len_q), static_cast<int>(m.len_k), bs32);
+    for (int64_t j = 0; j < m.len_k; ++j) {
+      const llada::MaskCoord32 kc = llada::key_coord32(m.kind, static_cast<int>(j), static_cast<int>(m.len_k), bs32);
+      if (llada::keep32(m.kind, qc, kc) != rule(m, i, j)) {
+        std::fprintf(stderr, "keep32 kind %d bs %lld lq %lld lk %lld at (%lld, %lld)\n", static_cast<int>(m.kind),
+                     (long long)m.block_size, (long long)m.len_q, (long long)m.len_k, (long long)i, (long long)j);
+        CHECK(false);
+        return;
+      }
+    }
+  }
   for (int64_t i = 0; i < m.len_q; ++i) {
     const llada::KeptKeys kk = llada::kept_keys(m, i);
     for (int64_t j = 0; j < m.len_k; ++j) {
@@ -89,7 +103,7 @@ static void check_doc(const DocMask& m, int64_t tq, int64_t tk) {
 }
 
 int main() {
-  const int64_t block_sizes[] = {1, 2, 3, 4, 5, 8, 16, 32, 33, 64, 1000};
+  const int64_t block_sizes[] = {1, 2, 3, 4, 5, 8, 16, 32, 33, 64, 1000, int64_t{1} << 40};
   const int64_t tiles[][2] = {{1, 1}, {4, 4}, {16, 16}, {16, 64}, {64, 16}, {64, 64}, {7, 5}, {128, 64}};
   const int64_t lengths[] = {1, 2, 3, 7, 32, 33, 64, 65, 100, 130};
   for (int64_t bs : block_sizes)

@@ -38,6 +38,18 @@ def fp32_reference(args, **kw):
     return block_attention_ref(q.float(), k.float(), v.float(), *rest, return_lse=True, **kw)
 
 
+def cuda_kernel_or_skip(kernel: str) -> str:
+    """The CUDA `kernel` ("flash2" runs on any sm_80+ GPU; "hopper" on sm_90, where the build must have it)."""
+    if kernel == "hopper":
+        if torch.cuda.get_device_capability() != (9, 0):
+            pytest.skip("the Hopper kernels run on sm_90 GPUs")
+        assert "90a" in llada_engine.build_info()["cuda_archs"], "an sm_90 GPU, but no sm_90a code in this build"
+    return kernel
+
+
+CUDA_KERNELS = ["flash2", "hopper"]
+
+
 @pytest.mark.parametrize("device", CPU)
 @pytest.mark.parametrize("mask", ["block_causal", "bd3"])
 @pytest.mark.parametrize("block_size", [1, 4, 32, 1000])
@@ -142,11 +154,12 @@ def test_gradients_match_reference_autograd(device, mask, block_size, heads, dim
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", CUDA_KERNELS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("mask", ["block_causal", "bd3"])
 @pytest.mark.parametrize("block_size,heads,dim", [(1, (4, 4), 64), (4, (16, 4), 128), (32, (16, 4), 64),
                                                   (2048, (4, 4), 128)])
-def test_gradients_cuda_within_twice_reference_error(dtype, mask, block_size, heads, dim):
+def test_gradients_cuda_within_twice_reference_error(kernel, dtype, mask, block_size, heads, dim):
     halves = [1, 7, 32, 33, 200]
     lengths = halves if mask == "block_causal" else bd3_lengths(halves)
     args = make_packed(lengths, heads=heads, dim=dim, device="cuda", dtype=dtype, seed=block_size + dim)
@@ -156,7 +169,8 @@ def test_gradients_cuda_within_twice_reference_error(dtype, mask, block_size, he
     kw = dict(block_size=block_size, mask=mask)
     refs = reference_grads(args, dout, dlse, **kw)
     lowp = reference_grads(args, dout, dlse, upcast=False, **kw)
-    for name, o, r, l in zip(("dq", "dk", "dv"), our_grads(args, dout, dlse, **kw), refs, lowp):
+    ours = our_grads(args, dout, dlse, kernel=cuda_kernel_or_skip(kernel), **kw)
+    for name, o, r, l in zip(("dq", "dk", "dv"), ours, refs, lowp):
         assert o.dtype == dtype
         assert_close_to_reference(o, r, l, name=name)
 
@@ -269,18 +283,6 @@ def test_decode_partial_cache_against_reference(device, dtype):
     assert_close_to_reference(out, ref, ref_lowp if dtype != torch.float32 else None, atol=1e-5)
 
 
-def cuda_kernel_or_skip(kernel: str) -> str:
-    """The CUDA forward `kernel` ("flash2" runs on any sm_80+ GPU; "hopper" on sm_90, where the build must have it)."""
-    if kernel == "hopper":
-        if torch.cuda.get_device_capability() != (9, 0):
-            pytest.skip("the Hopper forward runs on sm_90 GPUs")
-        assert "90a" in llada_engine.build_info()["cuda_archs"], "an sm_90 GPU, but no sm_90a code in this build"
-    return kernel
-
-
-CUDA_KERNELS = ["flash2", "hopper"]
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("lens", [[3000], [2900, 0, 64]])
 def test_decode_cuda_long_caches_split_the_keys(lens):
@@ -331,32 +333,48 @@ def test_forward_cuda_within_twice_reference_error(kernel, dtype, mask, block_si
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", CUDA_KERNELS)
 @pytest.mark.parametrize("mask,block_size", [("block_causal", 1), ("block_causal", 32), ("bd3", 32), ("bd3", 160)])
-def test_forward_cuda_tile_edges(kernel, mask, block_size):
+def test_cuda_tile_edges_forward_and_gradients(kernel, mask, block_size):
     # Documents ending just before, at and after the kernels' tile edges (64 and 128 rows), one of length 1.
+    kernel = cuda_kernel_or_skip(kernel)
     halves = [1, 63, 64, 65, 127, 128, 129, 300]
     lengths = bd3_lengths(halves) if mask == "bd3" else halves
     args = make_packed(lengths, heads=(8, 2), dim=128, device="cuda", dtype=torch.bfloat16, seed=21)
-    out, lse = block_attention(*args, block_size=block_size, mask=mask, return_lse=True,
-                               kernel=cuda_kernel_or_skip(kernel))
-    ref_out, ref_lse = fp32_reference(args, block_size=block_size, mask=mask)
-    assert_close_to_reference(out, ref_out, block_attention_ref(*args, block_size=block_size, mask=mask), name="out")
+    kw = dict(block_size=block_size, mask=mask)
+    out, lse = block_attention(*args, return_lse=True, kernel=kernel, **kw)
+    ref_out, ref_lse = fp32_reference(args, **kw)
+    assert_close_to_reference(out, ref_out, block_attention_ref(*args, **kw), name="out")
     assert_close_to_reference(lse, ref_lse, atol=1e-3, name="lse")
+    g = torch.Generator().manual_seed(26)
+    dout = torch.randn(args[0].shape, generator=g).to("cuda", torch.bfloat16)
+    dlse = torch.randn(args[0].shape[:2], generator=g).to("cuda")
+    refs = reference_grads(args, dout, dlse, **kw)
+    lowp = reference_grads(args, dout, dlse, upcast=False, **kw)
+    for name, o, r, l in zip(("dq", "dk", "dv"), our_grads(args, dout, dlse, kernel=kernel, **kw), refs, lowp):
+        assert_close_to_reference(o, r, l, name=name)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kernel", CUDA_KERNELS)
-def test_forward_cuda_documents_do_not_leak(kernel):
-    # Tiles that run past a document's end read the next document's rows: none of it may reach the output,
-    # not even an infinite value.
-    q, k, v, cu_q, cu_k, mq, mk = make_packed([40, 90, 20], heads=(4, 2), dim=64, device="cuda",
-                                              dtype=torch.bfloat16, seed=22)
-    k[40:130] = float("inf")
-    v[40:130] = float("inf")
-    out = block_attention(q, k, v, cu_q, cu_k, mq, mk, block_size=4, kernel=cuda_kernel_or_skip(kernel))
-    ref = block_attention_ref(q.float(), k.float(), v.float(), cu_q, cu_k, block_size=4)
+def test_cuda_documents_do_not_leak(kernel):
+    # Tiles that run past a document's end read the next document's rows: none of it may reach the output or a
+    # gradient of another document, not even an infinite value.
+    kernel = cuda_kernel_or_skip(kernel)
+    args = list(make_packed([40, 90, 20], heads=(4, 2), dim=64, device="cuda", dtype=torch.bfloat16, seed=22))
+    for i in (0, 1, 2):
+        args[i][40:130] = float("inf")
+    q, k, v, cu_q, cu_k, mq, mk = args
     keep = torch.ones(150, dtype=torch.bool, device="cuda")
     keep[40:130] = False
+    out = block_attention(q, k, v, cu_q, cu_k, mq, mk, block_size=4, kernel=kernel)
+    ref = block_attention_ref(q.float(), k.float(), v.float(), cu_q, cu_k, block_size=4)
     assert_close_to_reference(out[keep], ref[keep], block_attention_ref(q, k, v, cu_q, cu_k, block_size=4)[keep])
+    dout = torch.randn(out.shape, device="cuda").to(torch.bfloat16)
+    dout[40:130] = float("inf")
+    dlse = torch.zeros(out.shape[:2], device="cuda")
+    refs = reference_grads(args, dout, dlse, block_size=4)
+    lowp = reference_grads(args, dout, dlse, upcast=False, block_size=4)
+    for name, o, r, l in zip(("dq", "dk", "dv"), our_grads(args, dout, dlse, block_size=4, kernel=kernel), refs, lowp):
+        assert_close_to_reference(o[keep], r[keep], l[keep], name=name)
 
 
 @pytest.mark.gpu
@@ -506,6 +524,8 @@ def opcheck_samples(device):
         samples["block_attention_bwd"].append(((dout, q, k, v, out, lse, dlse, cu_q, cu_k, mq, mk), kw))
         if cuda:
             samples["block_attention_fwd"].append(((q, k, v, cu_q, cu_k, mq, mk), kw | dict(kernel="flash2")))
+            samples["block_attention_bwd"].append(((dout, q, k, v, out, lse, dlse, cu_q, cu_k, mq, mk),
+                                                   kw | dict(kernel="flash2")))
     g = torch.Generator().manual_seed(14)
     d, dtype = (64, torch.bfloat16) if cuda else (16, torch.float32)
     decode = [torch.randn(*shape, generator=g).to(device, dtype) for shape in

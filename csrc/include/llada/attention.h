@@ -83,7 +83,7 @@ Status block_attention_fwd_cpu(const BlockAttentionParams& p);
 Status block_attention_bwd_cpu(const BlockAttentionBwdParams& p);
 Status block_attention_decode_cpu(const BlockAttentionDecodeParams& p);
 
-// Which CUDA forward kernel runs.
+// Which CUDA kernels run the forward and the backward's main step.
 enum class AttentionKernel : int {
   kAuto = 0,    // kHopper where the device and the inputs allow it, kFlash2 otherwise
   kFlash2 = 1,  // FlashAttention-2 style (SM80 tensor-core MMA, cp.async), any sm_80+ GPU
@@ -97,7 +97,9 @@ Status block_attention_fwd_cuda(const BlockAttentionParams& p, cudaStream_t stre
                                 AttentionKernel kernel = AttentionKernel::kAuto);
 // CUDA backward (FlashAttention-2 style, same dtypes and head dims). `workspace` is device memory of
 // block_attention_bwd_cuda_workspace_bytes(p) bytes (the row deltas and an fp32 dq).
-Status block_attention_bwd_cuda(const BlockAttentionBwdParams& p, void* workspace, cudaStream_t stream);
+// `kernel` picks its main kernel as for the forward (kHopper: wgmma + TMA on sm_90a).
+Status block_attention_bwd_cuda(const BlockAttentionBwdParams& p, void* workspace, cudaStream_t stream,
+                                AttentionKernel kernel = AttentionKernel::kAuto);
 int64_t block_attention_bwd_cuda_workspace_bytes(const BlockAttentionBwdParams& p);
 // The decode form on the forward kernel, reading the cache in place; cache_seqlens is a device pointer here.
 // `workspace` is device memory of block_attention_decode_cuda_workspace_bytes(p) bytes (the partial results
