@@ -1,6 +1,6 @@
-// Pieces shared by the CUDA kernels of block attention (forward, decode form, backward): tile sizes, the
-// SM80 tensor-core MMA atom per dtype, and global -> shared row loads from one or two row segments,
-// synchronous or asynchronous (cp.async, sm_80+).
+// Pieces shared by the CUDA kernels of block attention (forward, decode form, backward; the Hopper kernels use
+// the constants and the quad reductions): tile sizes, the SM80 tensor-core MMA atom per dtype, and global ->
+// shared row loads from one or two row segments, synchronous or asynchronous (cp.async, sm_80+).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -33,6 +33,16 @@ template <>
 struct MmaAtomFor<cutlass::half_t> {
   using type = cute::SM80_16x8x16_F32F16F16F32_TN;
 };
+
+// Reductions over the 4 lanes that hold a row of an MMA accumulator (lanes 4i .. 4i + 3), SM80 and SM90 alike.
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
 
 // dst [kRows, D] in shared memory, rows kPitch elements apart (a multiple of 8 elements) = rows
 // j0 .. j0 + n_valid - 1 of src, zeros after. The aligned path issues all of a thread's 16-byte loads

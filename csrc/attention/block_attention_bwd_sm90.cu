@@ -24,7 +24,9 @@
 #include <cutlass/arch/reg_reconfig.h>
 #include <cutlass/pipeline/sm90_pipeline.hpp>
 
+#include "attention/attention_cuda_tile.cuh"
 #include "attention/attention_sm90.cuh"
+#include "attention/attention_sm90_kernel.cuh"
 #include "attention/block_attention_sm90.h"
 #include "attention/block_mask.h"
 #include "common/cuda_check.h"
@@ -34,27 +36,21 @@ namespace {
 
 using namespace cute;
 using attention_sm90::BwdConfig;
+using attention_sm90::make_tma_load;
+using attention_sm90::warpgroup_gemm;
+using attention_cuda::kLn2;
+using attention_cuda::kLog2e;
+using attention_cuda::kNegInf;
 
-constexpr float kLog2e = 1.44269504088896341f;
-
-// A packed [rows, heads, D] tensor as the TMA sees it: (rows, D, heads).
-template <class T, int D>
-auto packed_gmem(const void* ptr, int64_t rows, int64_t row_stride, int64_t heads, int64_t head_stride) {
-  return make_tensor(make_gmem_ptr(static_cast<const T*>(ptr)),
-                     make_layout(make_shape(static_cast<int32_t>(rows), Int<D>{}, static_cast<int32_t>(heads)),
-                                 make_stride(row_stride, _1{}, head_stride)));
-}
 
 template <class T, int D>
 auto make_tma_q(const void* ptr, int64_t rows, int64_t row_stride, int64_t heads, int64_t head_stride) {
-  return make_tma_copy(SM90_TMA_LOAD{}, packed_gmem<T, D>(ptr, rows, row_stride, heads, head_stride),
-                       take<0, 2>(typename BwdConfig<T, D>::SmemQ{}));
+  return make_tma_load<T, D>(ptr, rows, row_stride, heads, head_stride, take<0, 2>(typename BwdConfig<T, D>::SmemQ{}));
 }
 
 template <class T, int D>
 auto make_tma_kv(const void* ptr, int64_t rows, int64_t row_stride, int64_t heads, int64_t head_stride) {
-  return make_tma_copy(SM90_TMA_LOAD{}, packed_gmem<T, D>(ptr, rows, row_stride, heads, head_stride),
-                       typename BwdConfig<T, D>::SmemKV{});
+  return make_tma_load<T, D>(ptr, rows, row_stride, heads, head_stride, typename BwdConfig<T, D>::SmemKV{});
 }
 
 template <class T, int D>
@@ -95,9 +91,6 @@ struct SharedStorage {
 template <class T, int D>
 constexpr size_t kSmemBytes = sizeof(SharedStorage<T, D>) + 1024;  // + alignment slack of the base
 
-// Device code of the sm_90a pass only (the other passes compile the kernel body out).
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-constexpr float kNegInf = -__builtin_huge_valf();
 
 // Named barriers of the 256 consumer threads.
 enum ConsumerBarrier : int { kZeroed = 1, kDsWritten = 2, kItemDone = 3 };
@@ -119,21 +112,6 @@ __device__ __forceinline__ Item next_item(const DocMask& dm, RowRange queries, i
   return Item{group, 0};
 }
 
-// C (+)= A B over all K blocks by one warpgroup; A and B are wgmma operands (descriptors or registers).
-template <bool kZeroInit, class Mma, class TA, class TB, class TC>
-__device__ __forceinline__ void warpgroup_gemm(Mma& mma, TA const& a, TB const& b, TC& c) {
-  warpgroup_fence_operand(c);
-  warpgroup_arrive();
-  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
-  CUTE_UNROLL
-  for (int kb = 0; kb < size<2>(a); ++kb) {
-    cute::gemm(mma, a(_, _, kb), b(_, _, kb), c);
-    mma.accumulate_ = GMMA::ScaleOut::One;
-  }
-  warpgroup_commit_batch();
-  warpgroup_wait<0>();
-  warpgroup_fence_operand(c);
-}
 
 // Rows [valid, rows) of a shared-memory tile (rows, D) set to zero by the 256 consumer threads (the caller
 // then fences them for the tensor cores and meets the others at a barrier).
@@ -141,7 +119,6 @@ template <class T, int D, class Tile>
 __device__ __forceinline__ void zero_rows_past(Tile&& tile, int rows, int valid, int ct) {
   for (int idx = ct; idx < (rows - valid) * D; idx += 256) tile(valid + idx / D, idx % D) = T(0.0f);
 }
-#endif
 
 template <class T, int D>
 __global__ void __launch_bounds__(BwdConfig<T, D>::kThreads, 1)

@@ -45,16 +45,6 @@ struct Smem {
   T p[kBQ * kPitchP];     // [BQ, BK] probabilities
 };
 
-// Reductions over the 4 lanes that hold a row of an SM80 MMA accumulator (lanes 4i .. 4i + 3).
-__device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
-}
-__device__ __forceinline__ float quad_sum(float x) {
-  x += __shfl_xor_sync(0xffffffffu, x, 1);
-  return x + __shfl_xor_sync(0xffffffffu, x, 2);
-}
-
 // Everything the kernel reads besides the documents; q, out and lse rows are [rows, heads_q, ...].
 // With splits > 1 (the decode form's split-KV), block z covers run z of each query tile's key tiles and
 // writes its run's normalised output and log-sum-exp to part_out / part_lse; merge_splits_kernel combines them.

@@ -1,0 +1,45 @@
+// Pieces the Hopper kernels of block attention share (block_attention_fwd_sm90.cu, block_attention_bwd_sm90.cu):
+// the TMA view of a packed varlen tensor, and one warpgroup's GEMM over all K blocks on wgmma.
+#pragma once
+
+#include <cstdint>
+#include <cute/tensor.hpp>
+
+namespace llada {
+namespace attention_sm90 {
+
+using namespace cute;
+
+// A packed [rows, heads, D] tensor as the TMA sees it: (rows, D, heads).
+template <class T, int D>
+auto packed_gmem(const void* ptr, int64_t rows, int64_t row_stride, int64_t heads, int64_t head_stride) {
+  return make_tensor(make_gmem_ptr(static_cast<const T*>(ptr)),
+                     make_layout(make_shape(static_cast<int32_t>(rows), Int<D>{}, static_cast<int32_t>(heads)),
+                                 make_stride(row_stride, _1{}, head_stride)));
+}
+
+// A TMA load of tiles of `smem` (one stage) from a packed [rows, heads, D] tensor.
+template <class T, int D, class SmemLayout>
+auto make_tma_load(const void* ptr, int64_t rows, int64_t row_stride, int64_t heads, int64_t head_stride,
+                   SmemLayout smem) {
+  return make_tma_copy(SM90_TMA_LOAD{}, packed_gmem<T, D>(ptr, rows, row_stride, heads, head_stride), smem);
+}
+
+// C (+)= A B over all K blocks by one warpgroup; A and B are wgmma operands (descriptors or registers).
+template <bool kZeroInit, class Mma, class TA, class TB, class TC>
+__device__ __forceinline__ void warpgroup_gemm(Mma& mma, TA const& a, TB const& b, TC& c) {
+  warpgroup_fence_operand(c);
+  warpgroup_arrive();
+  if constexpr (kZeroInit) mma.accumulate_ = GMMA::ScaleOut::Zero;
+  CUTE_UNROLL
+  for (int kb = 0; kb < size<2>(a); ++kb) {
+    cute::gemm(mma, a(_, _, kb), b(_, _, kb), c);
+    mma.accumulate_ = GMMA::ScaleOut::One;
+  }
+  warpgroup_commit_batch();
+  warpgroup_wait<0>();
+  warpgroup_fence_operand(c);
+}
+
+}  // namespace attention_sm90
+}  // namespace llada
