@@ -21,9 +21,9 @@
 #include <cute/tensor.hpp>
 
 #include "attention/attention_cuda_tile.cuh"
+#include "attention/block_attention_sm90.h"
 #include "attention/block_mask.h"
 #include "attention/key_split.h"
-#include "attention/block_attention_sm90.h"
 #include "common/cuda_check.h"
 #include "llada/attention.h"
 
