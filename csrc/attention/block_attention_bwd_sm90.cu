@@ -36,7 +36,9 @@ namespace {
 
 using namespace cute;
 using attention_sm90::BwdConfig;
+using attention_sm90::aligned_shared_storage;
 using attention_sm90::make_tma_load;
+using attention_sm90::make_tma_ring;
 using attention_sm90::warpgroup_gemm;
 using attention_cuda::kLn2;
 using attention_cuda::kLog2e;
@@ -128,8 +130,7 @@ __global__ void __launch_bounds__(BwdConfig<T, D>::kThreads, 1)
   using Pipeline = cutlass::PipelineTmaAsync<C::kStages>;
   constexpr int kBM = C::kBM, kBN = C::kBN;
   extern __shared__ char smem_raw[];
-  SharedStorage<T, D>& ss = *reinterpret_cast<SharedStorage<T, D>*>(
-      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  SharedStorage<T, D>& ss = aligned_shared_storage<SharedStorage<T, D>>(smem_raw);
 
   const int seq = blockIdx.x / p.k_tiles;
   const int64_t n0 = static_cast<int64_t>(blockIdx.x % p.k_tiles) * kBN;
@@ -142,20 +143,9 @@ __global__ void __launch_bounds__(BwdConfig<T, D>::kThreads, 1)
   const RowRange queries = query_range(dm, n0, n0 + nk);
   const Item first = next_item<kBM>(dm, queries, n0, nk, group, 0, (queries.begin / kBM) * kBM);
 
-  const int warpgroup = threadIdx.x / 128;
-  if (threadIdx.x == 0) {
-    ss.kv_full.init(1);
-    cutlass::arch::fence_barrier_init();
-  }
-  typename Pipeline::Params pipe_params;
-  pipe_params.transaction_bytes = 2 * C::kQBytes;
-  pipe_params.role = warpgroup == 0 ? Pipeline::ThreadCategory::Producer : Pipeline::ThreadCategory::Consumer;
-  pipe_params.is_leader = threadIdx.x == 0;
-  pipe_params.num_consumers = C::kConsumerThreads;
-  Pipeline pipeline(ss.pipeline, pipe_params, Shape<_1, _1, _1>{});
-  __syncthreads();  // barriers initialised before anyone waits on them
+  Pipeline pipeline = make_tma_ring<Pipeline>(ss.pipeline, ss.kv_full, 2 * C::kQBytes, C::kConsumerThreads);
 
-  if (warpgroup == 0) {
+  if (threadIdx.x < 128) {  // the producer warpgroup
     cutlass::arch::warpgroup_reg_dealloc<24>();
     if (threadIdx.x != 0) return;
     prefetch_tma_descriptor(p.tma_q.get_tma_descriptor());
