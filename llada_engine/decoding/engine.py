@@ -94,6 +94,18 @@ def pages_needed(prompt_length: int, gen_length: int, block_length: int) -> int:
     return -(-cached_rows // page_size(block_length))
 
 
+def readback(values: torch.Tensor) -> torch.Tensor:
+    """`values` on the host: on a GPU an asynchronous copy into pinned memory and a wait on its event, the
+    step's only wait for the device."""
+    if values.device.type != "cuda":
+        return values
+    host = values.to("cpu", non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+    copied.synchronize()
+    return host
+
+
 def batch_bucket(batch: int, max_running: int) -> int:
     """The padded batch size of a compiled step: the next power of two, at most max_running."""
     return min(1 << (batch - 1).bit_length(), max_running)
@@ -284,8 +296,8 @@ class Engine:
         logits = self._forward(ids, positions, self.cache, PagedBatch(block_table, seqlens, write_slots))[:B]
         self.stats.forward_passes += 1
         tokens, invalid = self._commit_rows(ids[:B], logits, running)
-        readback = torch.cat([tokens, invalid[:, None].long()], 1).cpu()                      # the step's one sync
-        for s, row in zip(list(running), readback.tolist()):
+        rows = readback(torch.cat([tokens, invalid[:, None].long()], 1))                     # [B, Lb + 1]
+        for s, row in zip(list(running), rows.tolist()):
             self._advance(s, row[:Lb], bool(row[Lb]))
 
     def _commit_rows(self, ids: torch.Tensor, logits: torch.Tensor,

@@ -123,7 +123,7 @@ def test_background_loop_serves_threads_and_stops(tiny):
 
 
 def test_non_finite_logits_fail_only_their_request(tmp_path):
-    path, cfg, _ = tiny_checkpoint(tmp_path, seed=32)
+    path, cfg, _ = tiny_checkpoint(tmp_path, seed=32, first_k_dense_replace=3)
     model = llada_engine.load_model(path)
     poisoned = 7
     with torch.no_grad():
@@ -149,3 +149,22 @@ def test_compiled_step_gives_the_same_tokens(tiny):
     engine.run_until_idle()
     for (prompt, kw), request in zip(work, requests):
         assert request.result() == alone(model, prompt, kw)
+
+
+@pytest.mark.gpu
+def test_cuda_step_waits_for_the_device_only_at_its_readback(tmp_path):
+    path, cfg, _ = tiny_checkpoint(tmp_path, seed=33, head_dim=64)
+    model = llada_engine.load_model(path, dtype=torch.bfloat16, device="cuda")
+    engine = Engine(model, max_running=4, cache_tokens=64 * Lb, block_length=Lb)
+    requests = [engine.submit(list(range(1, n)), gen_length=4 * Lb, steps=Lb, threshold=1.0) for n in (3, 12, 20)]
+    engine.step()                                     # admission and prefill (validates cu_seqlens on the host)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(6):
+            engine.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    engine.run_until_idle()
+    for n, request in zip((3, 12, 20), requests):
+        assert request.result() == llada_engine.generate(model, list(range(1, n)), gen_length=4 * Lb, steps=Lb,
+                                                         threshold=1.0, block_length=Lb).sequences[0]
