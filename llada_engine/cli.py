@@ -7,6 +7,8 @@
     llada-engine merge --run RUN --top-k K --out DIR   the mean of a run's K best checkpoints by validation loss
     llada-engine bench [--model DIR] [--batch 1 8]    decoding speed on this machine, cached and uncached
                                                (random prompts; a table, then one JSON line)
+    llada-engine serve [--model DIR] [--port 8000]    an OpenAI-compatible HTTP server on the continuous-batching
+                                               engine (/v1/completions, /v1/chat/completions, /metrics)
 """
 import argparse
 import sys
@@ -121,6 +123,19 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from llada_engine.serving.server import serve
+
+    return serve(args)
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llada-engine", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -178,6 +193,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
     bench.add_argument("--backend", choices=["kernels", "reference"], default="kernels")
     bench.set_defaults(run=_bench)
+
+    serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming)")
+    serve.add_argument("--model", default="default", help="checkpoint folder; default: the embedded model")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free one, printed)")
+    serve.add_argument("--served-model-name", help="the name clients pass as `model` (default: --model as given)")
+    serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1/* (default: $LLADA_API_KEY)")
+    serve.add_argument("--max-running", type=_positive_int, default=16, help="requests decoded together at most")
+    serve.add_argument("--cache-tokens", type=_positive_int, default=None,
+                       help="KV cache size in tokens (default: the Engine's: a fixed size on the CPU, a share "
+                            "of the free memory on a GPU)")
+    serve.add_argument("--block-length", type=_positive_int, default=32, help="the engine's block length")
+    serve.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    serve.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
+    serve.add_argument("--backend", choices=["kernels", "reference"], default="kernels")
+    serve.add_argument("--compile", action="store_true", help="torch.compile the engine's step")
+    serve.add_argument("--shutdown-timeout", type=_non_negative_float, default=10.0,
+                       help="on SIGINT/SIGTERM, seconds running requests get to finish before they are cancelled")
+    serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
+    serve.set_defaults(run=_serve)
     return parser
 
 

@@ -5,6 +5,7 @@
     for tokens in req.stream(): ...             # committed tokens, block by block, until the request ends
     req.result(timeout=None) -> list[int]       # waits for the end; raises the request's error if it failed
     req.cancel()                                # leaves the batch at the next step, freeing its pages
+    req.add_done_callback(fn)                   # fn(req) once it has ended (at once if it already has)
 
 The engine's loop (one thread) writes a request's state through `_emit` and `_finish`; any thread may read it.
 """
@@ -35,6 +36,8 @@ class Request:
         self._chunks: queue.SimpleQueue = queue.SimpleQueue()
         self._ended = threading.Event()
         self._cancelled = threading.Event()
+        self._done_lock = threading.Lock()
+        self._done_callbacks: list[Callable[["Request"], None]] = []
 
     @property
     def done(self) -> bool:
@@ -47,6 +50,15 @@ class Request:
     def cancel(self) -> None:
         """Asks the engine to drop the request at its next step (a no-op once it has ended)."""
         self._cancelled.set()
+
+    def add_done_callback(self, fn: Callable[["Request"], None]) -> None:
+        """Calls `fn(request)` once the request has ended: from the engine's loop, or at once if it already has
+        (for servers that wait on many requests in one event loop)."""
+        with self._done_lock:
+            if not self._ended.is_set():
+                self._done_callbacks.append(fn)
+                return
+        fn(self)
 
     def stream(self) -> Iterator[list[int]]:
         """Committed tokens as they come (one list per finished block); ends when the request ends."""
@@ -73,8 +85,12 @@ class Request:
             self._callback(tokens)
 
     def _finish(self, reason: str, error: Optional[BaseException] = None) -> None:
-        if self._ended.is_set():
-            return
-        self.finish_reason, self.error = reason, error
-        self._ended.set()
+        with self._done_lock:
+            if self._ended.is_set():
+                return
+            self.finish_reason, self.error = reason, error
+            self._ended.set()
+            callbacks, self._done_callbacks = self._done_callbacks, []
         self._chunks.put(None)
+        for fn in callbacks:
+            fn(self)

@@ -1,7 +1,8 @@
 """The continuous-batching Engine: every request gets exactly the tokens of the uncached reference decoding
 it alone, whatever else runs and whenever it joined (staggered submissions with random parameters, greedy and
 sampled); admission waits for pages and frees them at once; cancel; requests that can never fit; the
-background loop; non-finite logits fail only their own request; the compiled step gives the same tokens."""
+background loop; done callbacks; non-finite logits fail only their own request; the compiled step gives the same
+tokens."""
 import random
 import threading
 
@@ -120,6 +121,22 @@ def test_background_loop_serves_threads_and_stops(tiny):
         engine.submit([1], gen_length=1)
     for i, (prompt, kw) in enumerate(work):
         assert results[i] == alone(model, prompt, kw)
+
+
+def test_done_callbacks_run_once_when_a_request_ends(tiny):
+    model, _ = tiny
+    engine = Engine(model, max_running=2, cache_tokens=16 * Lb, block_length=Lb)
+    ended = []
+    finished = engine.submit([1, 2, 3], gen_length=Lb)
+    finished.add_done_callback(lambda r: ended.append((r.id, r.finish_reason, list(r.tokens))))
+    cancelled = engine.submit([1, 2, 3], gen_length=Lb)
+    cancelled.add_done_callback(lambda r: ended.append((r.id, r.finish_reason, list(r.tokens))))
+    cancelled.cancel()
+    assert ended == []
+    engine.run_until_idle()
+    assert sorted(ended) == [(finished.id, finished.finish_reason, finished.result()), (cancelled.id, "cancelled", [])]
+    finished.add_done_callback(lambda r: ended.append(r.id))          # already ended: called at once
+    assert ended[-1] == finished.id and len(ended) == 3
 
 
 def test_non_finite_logits_fail_only_their_request(tmp_path):
