@@ -37,9 +37,13 @@ ENGINE_ARGUMENTS = ("gen_length", "block_length", "steps", "threshold", "tempera
 
 
 class EventStream(StreamingResponse):
-    """Server-sent events that end as soon as the client disconnects, closing their source (which cancels the
-    request): Starlette's own StreamingResponse only notices a gone client at its next write."""
+    """Server-sent events that end as soon as the client disconnects, closing their source and cancelling
+    `generation`: Starlette's own StreamingResponse only notices a gone client at its next write."""
     media_type = "text/event-stream"
+
+    def __init__(self, content, generation: "Generation"):
+        super().__init__(content)
+        self.generation = generation
 
     async def __call__(self, scope, receive, send) -> None:
         try:
@@ -54,6 +58,7 @@ class EventStream(StreamingResponse):
                 group.cancel_scope.cancel()
         finally:
             await self.body_iterator.aclose()
+            self.generation.request.cancel()               # a no-op once it has ended
 
 
 def sse(data: dict) -> str:
@@ -303,7 +308,7 @@ def create_app(engine, tokenizer, *, model_name: str, chat_checkpoint=None, api_
             return EventStream(_events(generation, head, None,
                                        lambda delta: {"index": 0, "text": delta, "logprobs": None,
                                                       "finish_reason": None},
-                                       {"index": 0, "text": "", "logprobs": None}))
+                                       {"index": 0, "text": "", "logprobs": None}), generation)
         text = await _complete(generation, http)
         if text is None:
             return Response(status_code=499)
@@ -323,7 +328,7 @@ def create_app(engine, tokenizer, *, model_name: str, chat_checkpoint=None, api_
                                         "finish_reason": None},
                                        lambda delta: {"index": 0, "delta": {"content": delta}, "logprobs": None,
                                                       "finish_reason": None},
-                                       {"index": 0, "delta": {}, "logprobs": None}))
+                                       {"index": 0, "delta": {}, "logprobs": None}), generation)
         text = await _complete(generation, http)
         if text is None:
             return Response(status_code=499)
