@@ -134,7 +134,7 @@ class Engine:
         self.stats = GenerateStats()
         self._commit = ops.commit_tokens if model.backend == "kernels" else ops.commit_tokens_ref
         self._compiled = compile
-        self._forward = _compile_forward(model) if compile else model.forward_paged
+        self._forward = _compile_forward(model, self.cache) if compile else model.forward_paged
         self._ids = itertools.count()
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[_Sequence] = []
@@ -395,8 +395,12 @@ class Engine:
         s.request._finish(reason, error)
 
 
-def _compile_forward(model):
+def _compile_forward(model, cache: PagedKVCache):
     """The step's forward under torch.compile(fullgraph=True); CUDA graphs on a GPU (batches are padded to a
-    few sizes, see batch_bucket)."""
-    mode = "reduce-overhead" if model.device.type == "cuda" else None
+    few sizes, see batch_bucket), with the page pools marked static: the graph writes them in place."""
+    mode = None
+    if model.device.type == "cuda":
+        mode = "reduce-overhead"
+        for pages in cache.k_pages + cache.v_pages:
+            torch._dynamo.mark_static_address(pages)
     return torch.compile(model.forward_paged, fullgraph=True, dynamic=False, mode=mode)
