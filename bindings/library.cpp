@@ -46,7 +46,9 @@ TORCH_LIBRARY(llada, m) {
   // Decoding: the current block's queries [B, Lb, Hq, D] against the first cache_seqlens[b] rows of a
   // contiguous per-sequence cache [B, Smax, Hkv, D] plus the block's own keys, no mask inside the block.
   // cache_seqlens int32 [B] on q's device, or on the CPU (validated there, no device synchronisation).
+  // With block_table (int32 [B, max_pages], on q's device or the CPU) the caches are page pools
+  // [num_pages, page_size, Hkv, D]: cached row r of sequence b is row r % page_size of page block_table[b, r // page_size].
   m.def(
       "block_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor k_new, "
-      "Tensor v_new, *, float softmax_scale) -> (Tensor out, Tensor lse)");
+      "Tensor v_new, *, float softmax_scale, Tensor? block_table=None) -> (Tensor out, Tensor lse)");
 }
