@@ -15,6 +15,20 @@ TORCH_LIBRARY(llada, m) {
       "commit_tokens_(Tensor(a!) tokens, Tensor logits, Tensor min_commit, *, int mask_id, float threshold, "
       "float temperature, int top_k, float top_p, int seed, int offset) "
       "-> (Tensor committed, Tensor confidence, Tensor candidates)");
+  // commit_tokens with one threshold, temperature, top_k, top_p, seed and offset per sequence ([B] tensors
+  // on the tokens' device or the CPU): sequence b behaves as the call on sequence b alone. own_streams: the
+  // Philox counter of position l of sequence b is l (its own stream), else b * L + l (one stream, as
+  // commit_tokens). Never fails on NaN logits: invalid [B] flags the sequences whose logits held one.
+  m.def(
+      "commit_tokens_per_seq(Tensor tokens, Tensor logits, Tensor min_commit, Tensor threshold, "
+      "Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, *, int mask_id, "
+      "bool own_streams=True) -> (Tensor tokens, Tensor committed, Tensor confidence, Tensor candidates, "
+      "Tensor invalid)");
+  // Same as commit_tokens_per_seq, writing the commits into `tokens` in place.
+  m.def(
+      "commit_tokens_per_seq_(Tensor(a!) tokens, Tensor logits, Tensor min_commit, Tensor threshold, "
+      "Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, *, int mask_id, "
+      "bool own_streams=True) -> (Tensor committed, Tensor confidence, Tensor candidates, Tensor invalid)");
   // LLaDA2 gate: sigmoid scores, group-limited top-k on scores + expert_bias, normalised unbiased weights.
   m.def(
       "moe_route(Tensor router_logits, Tensor? expert_bias, *, int top_k, int n_group, int topk_group, "
