@@ -106,6 +106,11 @@ def readback(values: torch.Tensor) -> torch.Tensor:
     return host
 
 
+def _int64(seed: int) -> int:
+    """A 64-bit seed as the int64 with its bits."""
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
 def batch_bucket(batch: int, max_running: int) -> int:
     """The padded batch size of a compiled step: the next power of two, at most max_running."""
     return min(1 << (batch - 1).bit_length(), max_running)
@@ -134,7 +139,7 @@ class Engine:
         self.stats = GenerateStats()
         self._commit = ops.commit_tokens if model.backend == "kernels" else ops.commit_tokens_ref
         self._compiled = compile
-        self._forward = _compile_forward(model) if compile else model.forward_paged
+        self._forward = _compile_forward(model, self.cache) if compile else model.forward_paged
         self._ids = itertools.count()
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[_Sequence] = []
@@ -302,25 +307,28 @@ class Engine:
 
     def _commit_rows(self, ids: torch.Tensor, logits: torch.Tensor,
                      running: list[_Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
-        """New block tokens [B, Lb] (writing rows unchanged) and a per-row non-finite flag [B]."""
-        tokens, invalid = [], []
-        for i, s in enumerate(running):
-            p = s.params
-            if s.writing:
-                tokens.append(ids[i:i + 1])
-                invalid.append(torch.zeros(1, dtype=torch.bool, device=ids.device))
-                continue
-            try:
-                result = self._commit(ids[i:i + 1], logits[i:i + 1].contiguous(), mask_id=p.mask_id,
-                                      threshold=p.threshold, min_commit=s.schedule[s.step],
-                                      temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, seed=p.seed,
-                                      offset=s.draws)
-                tokens.append(result.tokens)
-                invalid.append(torch.zeros(1, dtype=torch.bool, device=ids.device))
-            except ValueError:
-                tokens.append(ids[i:i + 1])
-                invalid.append(torch.ones(1, dtype=torch.bool, device=ids.device))
-        return torch.cat(tokens), torch.cat(invalid)
+        """New block tokens [B, Lb] (writing rows unchanged) and a per-row non-finite flag [B]: one batched
+        commit_tokens call with each request's own parameters (one call per mask id in the batch)."""
+        device = ids.device
+        denoise = torch.tensor([not s.writing for s in running])
+        ints = torch.tensor([[0 if s.writing else s.schedule[s.step], s.params.top_k, _int64(s.params.seed), s.draws]
+                             for s in running], dtype=torch.int64)                          # [B, 4]
+        floats = torch.tensor([[s.params.threshold, s.params.temperature, s.params.top_p] for s in running],
+                              dtype=torch.float32)                                          # [B, 3]
+        denoise, ints = upload([denoise, ints], torch.int64, device)
+        (floats,) = upload([floats], torch.float32, device)
+        tokens, invalid = ids.clone(), torch.zeros(len(running), dtype=torch.bool, device=device)
+        for mask_id in sorted({s.params.mask_id for s in running}):
+            rows = [i for i, s in enumerate(running) if s.params.mask_id == mask_id]
+            pick = slice(None) if len(rows) == len(running) else torch.tensor(rows, device=device)
+            result = self._commit(ids[pick], logits[pick], mask_id=mask_id, min_commit=ints[pick, 0].int(),
+                                  top_k=ints[pick, 1].int(), seed=ints[pick, 2], offset=ints[pick, 3],
+                                  threshold=floats[pick, 0], temperature=floats[pick, 1], top_p=floats[pick, 2],
+                                  check_finite=False)
+            tokens[pick] = result.tokens
+            invalid[pick] = result.invalid
+        keep = denoise.bool()
+        return torch.where(keep[:, None], tokens, ids), invalid & keep
 
     # ---- host bookkeeping after the readback ------------------------------------------------------------
 
@@ -395,8 +403,12 @@ class Engine:
         s.request._finish(reason, error)
 
 
-def _compile_forward(model):
+def _compile_forward(model, cache: PagedKVCache):
     """The step's forward under torch.compile(fullgraph=True); CUDA graphs on a GPU (batches are padded to a
-    few sizes, see batch_bucket)."""
-    mode = "reduce-overhead" if model.device.type == "cuda" else None
+    few sizes, see batch_bucket), with the page pools marked static: the graph writes them in place."""
+    mode = None
+    if model.device.type == "cuda":
+        mode = "reduce-overhead"
+        for pages in cache.k_pages + cache.v_pages:
+            torch._dynamo.mark_static_address(pages)
     return torch.compile(model.forward_paged, fullgraph=True, dynamic=False, mode=mode)

@@ -43,9 +43,7 @@ class PagedContext:
         B = q.shape[0] // Lb
         self.cache.update(layer, k, v, self.batch.write_slots)
         q4, k4, v4 = (t.view(B, Lb, t.shape[1], t.shape[2]) for t in (q, k, v))   # [B, Lb, heads, D]
-        # TEMPORARY until the paged op lands: gather pages to a contiguous cache
-        table = self.batch.block_table.long()
-        kc = self.cache.k_pages[layer][table].flatten(1, 2)
-        vc = self.cache.v_pages[layer][table].flatten(1, 2)
-        out = self.ops.block_attention_decode(q4, kc, vc, self.batch.seqlens.cpu(), k4, v4, softmax_scale=scale)
+        out = self.ops.block_attention_decode(q4, self.cache.k_pages[layer], self.cache.v_pages[layer],
+                                              self.batch.seqlens, k4, v4, softmax_scale=scale,
+                                              block_table=self.batch.block_table)   # [B, Lb, Hq, D]
         return out.reshape(B * Lb, q.shape[1], q.shape[2])
