@@ -58,13 +58,29 @@ def start_server(args) -> tuple[subprocess.Popen, str]:
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout] + [lines.put(None)], daemon=True).start()
     deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
-        if line is None:
-            raise RuntimeError(f"the server exited with {proc.wait()}")
-        found = re.search(r"on (http://127\.0\.0\.1:\d+)$", line.strip())
-        if found:
-            return proc, found.group(1)
+    try:
+        while True:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise RuntimeError(f"the server did not listen within {START_TIMEOUT} s") from None
+            if line is None:
+                raise RuntimeError(f"the server exited with {proc.wait()}")
+            found = re.search(r"on (http://127\.0\.0\.1:\d+)$", line.strip())
+            if found:
+                return proc, found.group(1)
+    except BaseException:
+        stop_server(proc)
+        raise
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], args) -> dict:
@@ -162,8 +178,7 @@ def main(argv=None):
             rows.append(row)
             by_concurrency[concurrency] = results
     finally:
-        proc.terminate()
-        proc.wait(60)
+        stop_server(proc)
     for row in rows:
         row["vs_c1"] = row["tok_s"] / rows[0]["tok_s"]
 
@@ -174,9 +189,11 @@ def main(argv=None):
     overhead = {"concurrency": args.concurrency[0], "engine_ms_mean": engine_s / len(alone) * 1e3,
                 "http_ms_mean": http_s / len(served) * 1e3, "overhead": http_s / engine_s - 1,
                 "same_token_counts": [t for _, t in alone] == [r["tokens"] for r in served]}
-    device = torch.cuda.get_device_name() if (args.device or "").startswith("cuda") else f"cpu x{torch.get_num_threads()}"
+    cuda = (args.device or "").startswith("cuda")
+    device = torch.cuda.get_device_name() if cuda else f"cpu x{torch.get_num_threads()}"
     print(f"serve on {device}, default model, {args.dtype}, {args.requests} requests, prompts {args.min_prompt}-"
-          f"{args.max_prompt} tokens, gen {args.gen_length}, block {args.block_length}, arrival gap {args.arrival_gap} s")
+          f"{args.max_prompt} tokens, gen {args.gen_length}, block {args.block_length}, "
+          f"arrival gap {args.arrival_gap} s")
     print_table(rows)
     print_table([overhead])
     print_json({"benchmark": "serve", "device": device, "model": "default", "dtype": args.dtype, "quick": args.quick,

@@ -58,7 +58,7 @@ class EventStream(StreamingResponse):
                 group.cancel_scope.cancel()
         finally:
             await self.body_iterator.aclose()
-            self.generation.request.cancel()               # a no-op once it has ended
+            self.generation.close()                        # also when the body never started
 
 
 def sse(data: dict) -> str:
@@ -163,6 +163,15 @@ class Generation:
         self.request.add_done_callback(lambda _: post(None))
         service.metrics.prompt_tokens.inc(len(job.prompt))
         self.text = ResponseText(service.decode, job.stop)
+        self._closed = False
+
+    def close(self, outcome: str = "cancelled") -> None:
+        """Ends the request (cancelling it if it still runs) and counts it by `outcome`; once, later calls do
+        nothing."""
+        self.request.cancel()                                  # a no-op once it has ended
+        if not self._closed:
+            self._closed = True
+            self.service.metrics.requests.labels(self.endpoint, outcome).inc()
 
     @property
     def finish_reason(self) -> str:
@@ -198,8 +207,7 @@ class Generation:
             outcome = self.finish_reason
             metrics.latency.observe(time.perf_counter() - self.arrived)
         finally:
-            self.request.cancel()                              # a no-op once it has ended
-            metrics.requests.labels(self.endpoint, outcome).inc()
+            self.close(outcome)
 
 
 async def _until_disconnected(http: HTTPRequest) -> None:
@@ -225,6 +233,7 @@ async def _complete(generation: Generation, http: HTTPRequest) -> Optional[str]:
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await reader
+        generation.close()                                     # also when the reader never started
     return reader.result() if not reader.cancelled() else None
 
 

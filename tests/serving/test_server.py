@@ -3,15 +3,17 @@ default model and is called with the official `openai` client (raw HTTP where a 
 greedy completions and chat completions, streamed and not, equal `tokenizer.decode` of what `generate` gives;
 32 concurrent streams with mixed lengths and parameters each equal their own `generate` result, and /metrics
 counts them; every bad request gets its 4xx naming the field and the server keeps serving; stop strings; a
-client that disconnects mid-request (streamed or not) frees its pages; the API key; SIGTERM mid-stream stops the
-server cleanly.
+client that disconnects mid-request (streamed or not) frees its pages; the API key; SIGTERM mid-stream stops a
+server cleanly, and SIGINT stops the shared one at the end.
 
 The servers run in fp32, where a request's tokens do not depend on what else is in the batch (in bf16 they
-can, by rounding). Every HTTP call has a timeout, the servers die with the test process (PR_SET_PDEATHSIG) and are stopped by
-their fixture; the model's text is never compared with fixed strings (it is computed here).
+can, by rounding). Every HTTP call has a timeout; the servers die with the test process (PR_SET_PDEATHSIG) and
+are stopped by their fixture or test; the model's text is never compared with fixed strings (it is computed
+here).
 """
 import contextlib
 import ctypes
+import functools
 import json
 import queue
 import random
@@ -111,7 +113,8 @@ class Server:
 def server(tmp_path_factory):
     s = Server(tmp_path_factory.mktemp("server"), "--api-key", KEY, "--max-running", "16")
     yield s
-    assert s.stop() == 0, s.log()
+    assert s.stop(signal.SIGINT) == 0, s.log()
+    assert "llada-engine serve: stopped" in s.log()
 
 
 @pytest.fixture(scope="module")
@@ -147,8 +150,8 @@ def test_the_package_imports_without_the_server():
     assert out.stdout.strip() == "[]"
 
 
-PROMPTS = ["KING LEAR:\n", "First Citizen:\n", "ROMEO:\n", "JULIET:\nO Romeo, Romeo!", "MACBETH:\n"]
-QUESTIONS = ["Who art thou?", "Speak, my lord.", "What news from Rome?"]
+PROMPTS = ("KING LEAR:\n", "First Citizen:\n", "ROMEO:\n", "JULIET:\nO Romeo, Romeo!", "MACBETH:\n")
+QUESTIONS = ("Who art thou?", "Speak, my lord.", "What news from Rome?")
 MAX_TOKENS = 4 * Lb
 
 
@@ -156,7 +159,8 @@ MAX_TOKENS = 4 * Lb
 def longest(model, tokenizer):
     """pick(texts, chat=False) -> (text, prompt ids, greedy tokens) of the one whose answer is longest (the
     model's answers vary in length: the tests need one that spans blocks)."""
-    def pick(texts: list[str], chat: bool = False):
+    @functools.cache
+    def pick(texts: tuple[str, ...], chat: bool = False):
         ids = [tokenizer.encode(chat_prompt(t) if chat else t).ids for t in texts]
         outputs = generate(model, ids, gen_length=MAX_TOKENS)
         i = max(range(len(texts)), key=lambda i: len(outputs[i]))
