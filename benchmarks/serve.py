@@ -131,22 +131,23 @@ async def run_load(url: str, work: list[tuple[float, list[int]]], concurrency: i
 
 
 def engine_times(work: list[tuple[float, list[int]]], args) -> list[tuple[float, int]]:
-    """(seconds, output tokens) of each request run alone on an in-process Engine with the server's settings."""
+    """(seconds, output tokens) of each request run alone on an in-process Engine with the server's settings,
+    its loop in a background thread as in the server, so that both run the same ops on the same kind of thread."""
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     model = llada_engine.load_model("default", dtype=dtype, device=args.device)
     engine = llada_engine.Engine(model, max_running=max(args.concurrency), block_length=args.block_length)
     kwargs = dict(gen_length=args.gen_length, threshold=args.threshold)
-    for _, prompt in work[:2]:                                        # warm-up
-        engine.submit(prompt, **kwargs)
-        engine.run_until_idle()
-    out = []
-    for _, prompt in work:
-        begin = time.perf_counter()
-        request = engine.submit(prompt, **kwargs)
-        engine.run_until_idle()
-        if model.device.type == "cuda":
-            torch.cuda.synchronize()
-        out.append((time.perf_counter() - begin, len(request.result())))
+    engine.start()
+    try:
+        for _, prompt in work[:2]:                                    # warm-up
+            engine.submit(prompt, **kwargs).result(REQUEST_TIMEOUT)
+        out = []
+        for _, prompt in work:
+            begin = time.perf_counter()
+            tokens = engine.submit(prompt, **kwargs).result(REQUEST_TIMEOUT)
+            out.append((time.perf_counter() - begin, len(tokens)))
+    finally:
+        engine.stop()
     return out
 
 
