@@ -1,4 +1,4 @@
-"""Block-diffusion decoding (DESIGN.md §5): the official LLaDA2.0 `generate()`, batched and with a KV cache.
+"""Block-diffusion decoding (docs/ARCHITECTURE.md, Decoding): the official `generate()`, batched, with a KV cache.
 
     generate(model, prompts, *, gen_length=256, block_length=32, steps=32, threshold=0.95, temperature=0.0,
              top_k=0, top_p=1.0, eos_early_stop=False, mask_id=None, eos_id=None, use_cache=True, seed=0,
@@ -26,6 +26,7 @@ import torch
 from .. import ops
 from .kv_cache import KVCache
 from .schedule import min_commit_schedule
+from .validation import check_generate, stream_seed
 
 StreamCallback = Callable[[int, list[int]], None]
 
@@ -83,16 +84,12 @@ def generate(model, prompts: Union[Sequence[int], Sequence[Sequence[int]]], *, g
              eos_id: Optional[int] = None, use_cache: bool = True, seed: int = 0,
              stream: Optional[StreamCallback] = None) -> GenerateOutput:
     """Decodes every prompt by block diffusion; see the module docstring."""
-    config = model.config
-    mask_id = config.mask_token_id if mask_id is None else mask_id
-    eos_id = config.eos_token_id if eos_id is None else eos_id
-    prompts = _check_prompts(prompts, config.vocab_size)
-    for name, value in (("gen_length", gen_length), ("block_length", block_length), ("steps", steps)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not 0 <= mask_id < config.vocab_size:
-        raise ValueError(f"mask_id {mask_id} is outside the vocabulary of {config.vocab_size}")
-    steps = min(steps, gen_length)
+    prompts, params = check_generate(
+        model.config, prompts, use_cache=use_cache, stream=stream, gen_length=gen_length, block_length=block_length,
+        steps=steps, threshold=threshold, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        eos_early_stop=eos_early_stop, mask_id=mask_id, eos_id=eos_id)
+    (gen_length, block_length, steps, threshold, temperature, top_k, top_p, seed, eos_early_stop, mask_id,
+     eos_id) = dataclasses.astuple(params)
     schedule = min_commit_schedule(block_length, steps)
     commit = ops.commit_tokens if model.backend == "kernels" else ops.commit_tokens_ref
     sampling = dict(threshold=threshold, temperature=temperature, top_k=top_k, top_p=top_p)
@@ -114,22 +111,6 @@ def generate(model, prompts: Union[Sequence[int], Sequence[Sequence[int]]], *, g
     outputs = [run.output(s) for s in seqs]
     stats.tokens = sum(len(o) for o in outputs)
     return GenerateOutput(outputs, stats)
-
-
-def _check_prompts(prompts, vocab_size: int) -> list[list[int]]:
-    if len(prompts) and isinstance(prompts[0], int):
-        prompts = [prompts]
-    checked = []
-    for i, prompt in enumerate(prompts):
-        prompt = [int(t) for t in prompt]
-        if not prompt:
-            raise ValueError(f"prompts[{i}] is empty")
-        if min(prompt) < 0 or max(prompt) >= vocab_size:
-            raise ValueError(f"prompts[{i}] has token ids outside [0, {vocab_size})")
-        checked.append(prompt)
-    if not checked:
-        raise ValueError("prompts is empty")
-    return checked
 
 
 class _Run:
@@ -205,8 +186,8 @@ class _Run:
         else:
             # One call per sequence, so that each draws from its own stream: seed + prompt index, offset = step.
             parts = [self.commit_fn(tokens[i:i + 1], logits[i:i + 1].contiguous(), mask_id=self.mask_id,
-                                    min_commit=min_commit[i:i + 1], seed=self.seed + s.index, offset=s.draws,
-                                    **self.sampling) for i, s in enumerate(seqs)]
+                                    min_commit=min_commit[i:i + 1], seed=stream_seed(self.seed, s.index),
+                                    offset=s.draws, **self.sampling) for i, s in enumerate(seqs)]
             new_tokens = torch.cat([p.tokens for p in parts])
             committed = torch.cat([p.committed for p in parts])
         eos_committed = [False] * len(seqs)
