@@ -50,8 +50,10 @@ def _snapshot(repo_id: str, revision: Optional[str]) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_FILES))
     except (OSError, ValueError) as error:  # huggingface_hub's not-found, offline and HTTP errors are OSErrors
-        reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
-        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else ""
+        if constants.HF_HUB_OFFLINE:
+            reason = "HF_HUB_OFFLINE is set"
+        else:
+            reason = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise FileNotFoundError(
             f"{repo_id}: no such local folder, and as a Hugging Face Hub id (revision {revision or 'main'}) it is "
-            f"not in the cache {constants.HF_HUB_CACHE} and could not be downloaded{offline}: {reason}") from None
+            f"not in the cache {constants.HF_HUB_CACHE} and could not be downloaded ({reason})") from None

@@ -11,6 +11,8 @@ from llada_engine.ops import (block_attention, block_attention_decode, block_att
                               block_attention_ref, block_mask_dense)
 from op_testing import DEVICES, assert_close_to_reference
 
+pytestmark = pytest.mark.kernels
+
 DOC_LENGTHS = [1, 7, 32, 33, 1000]
 CPU = ["cpu"]  # ops and dtypes that only the CPU kernels implement so far
 
