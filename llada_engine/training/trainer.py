@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ..model import LLaDA2Config, load_model, load_tokenizer
+from ..model.config import RELEASE_MASK_ID
 from ..model.init import random_model
 from . import distributed
 from .checkpoint import (list_checkpoints, load_optimizer, load_rng, load_trainer_state, save_checkpoint)
@@ -87,6 +88,11 @@ class Trainer:
         if mc.eos_token_id is None:
             raise ValueError(f"{config.source}: the model config has no eos_token_id")
         self.mask_id, self.eos_id = mc.mask_token_id, mc.eos_token_id
+        if self.mask_id is None or not 0 <= self.mask_id < mc.vocab_size or self.mask_id == self.eos_id:
+            where = f"{config.model.init}/config.json" if config.model.init else "model.config"
+            raise ValueError(f"{config.source}: mask_token_id {self.mask_id} of {where} is not a MASK id the model can "
+                             f"train with (a token id in [0, {mc.vocab_size}) other than EOS); set \"mask_token_id\" "
+                             f"there (LLaDA2.0 releases use {RELEASE_MASK_ID})")
         if self.tokenizer.get_vocab_size() > mc.vocab_size:
             raise ValueError(f"{self.tokenizer_file}: {self.tokenizer.get_vocab_size()} tokens do not fit the model's "
                              f"vocab_size {mc.vocab_size}")
