@@ -1,4 +1,4 @@
-// C++ CPU kernel of `commit_tokens` (DESIGN.md §3.3): one pass over the vocabulary per row for greedy
+// C++ CPU kernel of `commit_tokens` (docs/ARCHITECTURE.md, Token commit): one pass over the vocabulary a row for greedy
 // decoding, OpenMP over the B*L rows, then the commit rule per sequence.
 //
 // Greedy (temperature 0, no top-k/top-p): an online max / sum-exp / argmax in one read of the row,
