@@ -30,10 +30,10 @@ def needs_kernels(item) -> bool:
 def pytest_collection_modifyitems(config, items):
     no_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords and not torch.cuda.is_available():
-            item.add_marker(no_gpu)
-        elif needs_kernels(item) and not BUILT:
+        if needs_kernels(item) and not BUILT:
             item.add_marker(pytest.mark.skip(reason=NOT_BUILT))
+        elif "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(no_gpu)
 
 
 @pytest.fixture(autouse=True)
