@@ -1,6 +1,7 @@
-"""Block attention (docs/ARCHITECTURE.md, Block attention) timed: ours against the dense-mask reference (SDPA per document
-over a boolean mask) and, on a GPU, FlexAttention with the equivalent block mask; forward and backward,
-masks bd3 and block_causal, LLaDA2.0 heads (Hq 16, Hkv 4, D 128), packed documents of mixed lengths.
+"""Block attention (docs/ARCHITECTURE.md, Block attention) timed: ours against the dense-mask reference
+(SDPA per document over a boolean mask) and, on a GPU, FlexAttention with the equivalent block mask; forward
+and backward, masks bd3 and block_causal, LLaDA2.0 heads (Hq 16, Hkv 4, D 128), packed documents of mixed
+lengths.
 
     python -m benchmarks.block_attention [--quick] [--tokens 4096 8192 16384] [--dtype float32|bfloat16]
                                          [--decode-cache 4096]

@@ -134,7 +134,8 @@ def _model_dtypes(model: LLaDA2Model, plan, stored: dict[str, str], dtype: Optio
 
 
 def load_model(path: Union[str, Path], *, dtype: Optional[torch.dtype] = None, device=None,
-               backend: str = "kernels", progress: Optional[bool] = None, revision: Optional[str] = None) -> LLaDA2Model:
+               backend: str = "kernels", progress: Optional[bool] = None,
+               revision: Optional[str] = None) -> LLaDA2Model:
     """Loads an official LLaDA2.0 checkpoint (or one saved by save_pretrained): a local folder, a Hugging Face
     Hub id (at `revision`; see hub.py), or "default", the embedded default model. `dtype` None keeps the
     checkpoint's dtype. `progress` shows a progress bar on stderr (None: for checkpoints of 1 GB and more)."""

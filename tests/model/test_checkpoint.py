@@ -202,7 +202,8 @@ def test_a_tensor_in_another_dtype_is_cast_to_the_models(tmp_path):
     write_checkpoint(tmp_path, cfg, sd)
     model = llada_engine.load_model(tmp_path, backend="reference")
     assert {p.dtype for p in model.parameters()} == {torch.float32}
-    assert torch.equal(model.model.layers[1].attention.dense.weight, sd["model.layers.1.attention.dense.weight"].float())
+    dense = "model.layers.1.attention.dense.weight"
+    assert torch.equal(model.model.layers[1].attention.dense.weight, sd[dense].float())
 
 
 def test_a_non_float_tensor_is_refused(tmp_path):
