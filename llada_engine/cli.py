@@ -83,6 +83,9 @@ def _checkpoint(args: argparse.Namespace):
     from llada_engine.model.hub import resolve_checkpoint
 
     folder = resolve_checkpoint(args.model, revision=args.revision)
+    if not folder.is_dir():
+        raise NotADirectoryError(f"--model {folder}: not a checkpoint folder (config.json, safetensors, "
+                                 f"tokenizer.json)")
     return folder, LLaDA2Config.from_file(folder / "config.json")
 
 
@@ -156,13 +159,14 @@ def _bench(args: argparse.Namespace) -> int:
 
     import llada_engine
     from llada_engine.decoding.speed import random_prompts, speed_row
-    from llada_engine.decoding.validation import decode_params
+    from llada_engine.decoding.validation import check_positions, decode_params
 
     folder, config = _checkpoint(args)
     if args.mask_id is not None:
         config.mask_token_id = args.mask_id       # so that the random prompts avoid it too
     settings = dict(block_length=args.block_length, steps=args.steps, threshold=args.threshold)
-    decode_params(config, gen_length=args.gen_length, **settings)
+    params = decode_params(config, gen_length=args.gen_length, **settings)
+    check_positions(args.prompt_length, params, config.max_position_embeddings, "--prompt-length")
     model = llada_engine.load_model(folder, dtype=_dtype(args.dtype), device=args.device, backend=args.backend)
     model.config.mask_token_id = config.mask_token_id
     rows = []

@@ -94,6 +94,13 @@ def test_missing_checkpoints_and_files(capsys, checkpoint, tmp_path):
         f"llada-engine generate: {tmp_path / 'no-config' / 'config.json'}: no config.json"
     assert one_line_error(capsys, "bench", "--model", str(tmp_path / "none")) == \
         f"llada-engine bench: {tmp_path / 'none'}: no such checkpoint folder"
+    assert one_line_error(capsys, "generate", "--model", str(checkpoint / "config.json"), "hi") == \
+        f"llada-engine generate: --model {checkpoint / 'config.json'}: not a checkpoint folder (config.json, " \
+        f"safetensors, tokenizer.json)"
+    assert one_line_error(capsys, "bench", "--model", str(checkpoint), "--backend", "reference", "--prompt-length",
+                          "5000") == (
+        "llada-engine bench: --prompt-length: 5000 prompt tokens + gen_length 128, in whole blocks of block_length "
+        "32, run 5152 positions, more than the model's max_position_embeddings 4096")
     assert one_line_error(capsys, "generate", "--model", str(checkpoint), "--revision", "v2", "hi").startswith(
         f"llada-engine generate: revision: {checkpoint} is a local folder")
     assert one_line_error(capsys, "generate", "--model", str(checkpoint)) == \
