@@ -8,10 +8,11 @@ a server checks each request with the same pieces:
     check_positions(len(prompt), params, model.config.max_position_embeddings)
 
 Ranges: gen_length, block_length, steps ints >= 1 (steps is capped at gen_length, as the official code
-does); threshold in [0, 1]; temperature 0 (greedy) or in [MIN_TEMPERATURE, inf); top_k >= 0 (0: off);
-top_p in (0, 1]; seed an int in [0, 2**64); mask_id and eos_id token ids inside the vocabulary (default:
-the config's; an official config.json has no mask_token_id, so then mask_id must be given). Ints are real
-ints (Python or numpy), never bools; floats are finite.
+does); threshold in [0, 1]; temperature 0 (greedy) or in [MIN_TEMPERATURE, inf); top_k >= 0 (0: off; one
+above the vocabulary size keeps every token, and is capped at it); top_p in (0, 1]; seed an int in
+[0, 2**64); mask_id and eos_id token ids inside the vocabulary (default: the config's; an official
+config.json has no mask_token_id, so then mask_id must be given). Ints are real ints (Python or numpy),
+never bools; floats are finite.
 """
 import dataclasses
 import math
@@ -115,7 +116,7 @@ def decode_params(config, *, gen_length: int = 256, block_length: int = 32, step
     temperature = _float("temperature", temperature, expected)
     if temperature != 0.0 and temperature < MIN_TEMPERATURE:
         raise ArgumentError("temperature", f"temperature must be {expected}, got {temperature!r}")
-    top_k = _int("top_k", top_k, 0, None, "an int >= 0 (0: no top-k)")
+    top_k = min(_int("top_k", top_k, 0, None, "an int >= 0 (0: no top-k)"), config.vocab_size)
     top_p = _float("top_p", top_p, "a number in (0, 1]")
     if not 0.0 < top_p <= 1.0:
         raise ArgumentError("top_p", f"top_p must be a number in (0, 1], got {top_p}")

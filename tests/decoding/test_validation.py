@@ -121,6 +121,19 @@ def test_params_are_resolved_and_steps_capped(model):
     assert params.positions(9) == 32
 
 
+@pytest.mark.parametrize("op_backend", ["reference", pytest.param("kernels", marks=pytest.mark.kernels)])
+def test_a_top_k_beyond_the_vocabulary_keeps_every_token(model, op_backend):
+    model.backend = op_backend
+    try:
+        kw = dict(gen_length=8, block_length=4, temperature=1.0, seed=5)
+        want = llada_engine.generate(model, [3, 4], top_k=96, **kw).sequences
+        for top_k in (97, 2**63, 2**70):
+            assert decode_params(model.config, top_k=top_k).top_k == 96
+            assert llada_engine.generate(model, [3, 4], top_k=top_k, **kw).sequences == want
+    finally:
+        model.backend = "reference"
+
+
 def test_the_defaults_are_generates():
     generate = inspect.signature(llada_engine.generate).parameters
     for name, parameter in inspect.signature(decode_params).parameters.items():
