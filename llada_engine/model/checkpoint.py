@@ -218,12 +218,12 @@ def parse_size(size: Union[int, str]) -> int:
 
 
 def checkpoint_files(path: Path) -> set[str]:
-    """The file names a checkpoint folder's weights consist of: its index and every shard the index names, or
-    its single model.safetensors. An unreadable index owns nothing but itself."""
+    """The file names a checkpoint folder's weights consist of: its index and every safetensors shard the index
+    names, or its single model.safetensors. An unreadable index owns nothing but itself."""
     index = path / INDEX_FILE
     if index.is_file():
         try:
-            return {INDEX_FILE, *read_index(index).values()}
+            return {INDEX_FILE, *(file for file in read_index(index).values() if file.endswith(".safetensors"))}
         except ValueError:
             return {INDEX_FILE}
     return {SINGLE_FILE} if (path / SINGLE_FILE).is_file() else set()

@@ -193,6 +193,20 @@ def test_an_index_naming_files_outside_is_neither_read_nor_cleaned_up(tmp_path, 
         assert llada_engine.load_model(path, backend="reference").config.vocab_size == 96
 
 
+def test_an_index_naming_other_files_as_shards_does_not_get_them_removed(tmp_path, two_models):
+    tiny_checkpoint(tmp_path, seed=48, shards=2)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    names = iter(index["weight_map"])
+    index["weight_map"][next(names)] = "tokenizer.json"
+    index["weight_map"][next(names)] = "notes.txt"
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "notes.txt").write_bytes(b"mine")
+    tokenizer = (tmp_path / "tokenizer.json").read_bytes()
+    two_models[0].save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "notes.txt").read_bytes() == b"mine" and (tmp_path / "tokenizer.json").read_bytes() == tokenizer
+    torch.testing.assert_close(logits(llada_engine.load_model(tmp_path, backend="reference")), logits(two_models[0]))
+
+
 # ---- checkpoints that would load wrong ------------------------------------------------------------------------
 
 def test_a_tensor_in_another_dtype_is_cast_to_the_models(tmp_path):
