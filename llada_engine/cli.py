@@ -18,7 +18,7 @@ from pathlib import Path
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse, but a refused argument is one line: what is wrong and where --help is."""
 
     def error(self, message):
@@ -195,7 +195,7 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="llada-engine", description=__doc__.splitlines()[0])
+    parser = Parser(prog="llada-engine", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     info = commands.add_parser("info", help="print build and runtime information")
@@ -264,17 +264,21 @@ def _one_line(error: BaseException, command: argparse.ArgumentParser) -> str:
     return message
 
 
-def main(argv=None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run_reporting(prog: str, command, args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """command(args), a failure reported as one line on stderr (see the module doc) and exit status 1."""
     try:
-        return args.run(args)
+        return command(args)
     except KeyboardInterrupt:
-        print(f"llada-engine {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001  (a user's mistake or a failed run: one line, no traceback)
-        print(f"llada-engine {args.command}: {_one_line(error, args.parser)}", file=sys.stderr)
+        print(f"{prog}: {_one_line(error, parser)}", file=sys.stderr)
         return 1
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_reporting(f"llada-engine {args.command}", args.run, args, args.parser)
 
 
 if __name__ == "__main__":

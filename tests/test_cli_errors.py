@@ -153,3 +153,16 @@ def test_a_process_exits_non_zero_with_one_line(checkpoint, tmp_path):
     assert proc.returncode == 1 and proc.stdout == ""
     assert proc.stderr == (f"llada-engine generate: --prompts-file {tmp_path / 'p.txt'}: not UTF-8 text (byte 0xe9 "
                            f"at offset 0); give one prompt per line in UTF-8\n")
+
+
+def test_the_training_entry_point_reports_one_line_too(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("run:\n  out_dir: x\n")
+    for argv, status, message in (
+            ([str(config)], 1, f"python -m llada_engine.train: {config}: model: give exactly one of model.init"),
+            ([], 2, "python -m llada_engine.train: the following arguments are required: config (see python -m "
+                    "llada_engine.train --help)")):
+        proc = subprocess.run([sys.executable, "-m", "llada_engine.train", *argv], capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == status and len(proc.stderr.splitlines()) == 1, proc.stderr
+        assert proc.stderr.startswith(message), proc.stderr
