@@ -204,6 +204,7 @@ def parse_size(size: Union[int, str]) -> int:
     """Bytes (> 0) from an int or a string such as '5GB', '500MB', '2GiB'."""
     if isinstance(size, bool) or not isinstance(size, (int, str)):
         raise ValueError(f"max_shard_size must be a number of bytes or a size like '5GB', got {size!r}")
+    given = size
     if isinstance(size, str):
         match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", size, re.IGNORECASE)
         if match is None:
@@ -213,7 +214,7 @@ def parse_size(size: Union[int, str]) -> int:
                  "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
         size = int(number * scale)
     if size <= 0:
-        raise ValueError(f"max_shard_size must be more than 0 bytes, got {size}")
+        raise ValueError(f"max_shard_size must be more than 0 bytes, got {given!r}")
     return size
 
 
