@@ -68,8 +68,9 @@ def sse(data: dict) -> str:
 class Service:
     """What the routes share: the engine, the tokenizer, the served model's name, the metrics."""
 
-    def __init__(self, engine, tokenizer, model_name: str, chat_checkpoint, api_key: Optional[str]):
+    def __init__(self, engine, tokenizer, model_name: str, chat_checkpoint, api_key: Optional[str], defaults: dict):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        self.defaults = {k: v for k, v in defaults.items() if v is not None}
         self.chat_checkpoint = chat_checkpoint
         self.api_key = api_key
         self.metrics = ServerMetrics(engine)
@@ -155,7 +156,8 @@ class Generation:
 
         gen_length = service.gen_length(job)
         try:
-            self.request = service.engine.submit(job.prompt, gen_length=gen_length, callback=post, **job.engine_args)
+            self.request = service.engine.submit(job.prompt, gen_length=gen_length, callback=post,
+                                                 **{**service.defaults, **job.engine_args})
         except ValueError as error:
             raise APIError(400, str(error), param=_param(error, job)) from error
         except RuntimeError as error:
@@ -254,9 +256,11 @@ async def _events(generation: Generation, head: dict, first: Optional[dict], pie
     yield "data: [DONE]\n\n"
 
 
-def create_app(engine, tokenizer, *, model_name: str, chat_checkpoint=None, api_key: Optional[str] = None) -> FastAPI:
-    """The app for an engine whose loop runs (engine.start()); see the module doc."""
-    service = Service(engine, tokenizer, model_name, chat_checkpoint, api_key)
+def create_app(engine, tokenizer, *, model_name: str, chat_checkpoint=None, api_key: Optional[str] = None,
+               defaults: Optional[dict] = None) -> FastAPI:
+    """The app for an engine whose loop runs (engine.start()); see the module doc. `defaults` are Engine.submit
+    arguments for requests that do not give them (e.g. the mask_id of a checkpoint whose config has none)."""
+    service = Service(engine, tokenizer, model_name, chat_checkpoint, api_key, defaults or {})
     app = FastAPI(title="llada_engine", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
     v1 = dict(dependencies=[Depends(service.authorize)])

@@ -31,26 +31,21 @@ class _Server(uvicorn.Server):
         print(f"llada-engine serve: {self.model_name} on http://{host}:{port}", flush=True)
 
 
-def _dtype(name: str):
-    import torch
-
-    return {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 def serve(args: argparse.Namespace) -> int:
     import llada_engine
-    from llada_engine.model.default import resolve_checkpoint
+    from llada_engine.cli import _checkpoint, _dtype
 
     from .app import create_app
 
-    model = llada_engine.load_model(args.model, dtype=_dtype(args.dtype), device=args.device, backend=args.backend)
-    tokenizer = llada_engine.load_tokenizer(args.model)
+    folder, _ = _checkpoint(args)
+    model = llada_engine.load_model(folder, dtype=_dtype(args.dtype), device=args.device, backend=args.backend)
+    tokenizer = llada_engine.load_tokenizer(folder)
     engine = llada_engine.Engine(model, max_running=args.max_running, cache_tokens=args.cache_tokens,
                                  block_length=args.block_length, compile=args.compile)
     model_name = args.served_model_name or str(args.model)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    app = create_app(engine, tokenizer, model_name=model_name, chat_checkpoint=resolve_checkpoint(args.model),
-                     api_key=api_key)
+    app = create_app(engine, tokenizer, model_name=model_name, chat_checkpoint=folder,
+                     api_key=api_key, defaults=dict(mask_id=args.mask_id))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout)
     server = _Server(config, model_name)
