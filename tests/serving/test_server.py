@@ -34,6 +34,8 @@ import torch
 import llada_engine
 from llada_engine.decoding.chat import chat_prompt
 
+pytestmark = pytest.mark.kernels
+
 Lb = 8                 # the servers' block length: several blocks per short response
 KEY = "test-key"
 TIMEOUT = 60           # seconds, every HTTP call
