@@ -93,10 +93,18 @@ def _unreadable(file: Path, error: Exception) -> ValueError:
 
 
 def load_model(path: Union[str, Path], *, dtype: Optional[torch.dtype] = None, device=None,
-               backend: str = "kernels", progress: Optional[bool] = None) -> LLaDA2Model:
+               backend: str = "kernels", progress: Optional[bool] = None,
+               parallel: Optional[str] = None) -> LLaDA2Model:
     """Loads an official LLaDA2.0 checkpoint (or one saved by save_pretrained) from the folder `path`;
     "default" loads the embedded default model. `progress` shows a progress bar on stderr (None: for
-    checkpoints of 1 GB and more)."""
+    checkpoints of 1 GB and more). parallel="tp": this process's part of a tensor- and expert-parallel
+    model over the default process group (llada_engine/parallel), read slice by slice."""
+    if parallel is not None:
+        from ..parallel import PARALLEL, load_sharded
+
+        if parallel not in PARALLEL:
+            raise ValueError(f"parallel must be None or one of {PARALLEL}, got {parallel!r}")
+        return load_sharded(path, dtype=dtype, device=device, backend=backend, progress=progress)
     path = resolve_checkpoint(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint folder")
