@@ -7,6 +7,9 @@
     llada-engine merge --run RUN --top-k K --out DIR   the mean of a run's K best checkpoints by validation loss
     llada-engine bench [--model DIR] [--batch 1 8]    decoding speed on this machine, cached and uncached
                                                (random prompts; a table, then one JSON line)
+
+generate and bench take --parallel tp under torchrun (`torchrun --nproc_per_node N -m llada_engine generate
+--parallel tp ...`): the model tensor- and expert-parallel over the N processes, rank 0 printing.
 """
 import argparse
 import sys
@@ -41,7 +44,7 @@ def _generate(args: argparse.Namespace) -> int:
     from llada_engine.decoding.chat import chat_prompt
 
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    model = llada_engine.load_model(args.model, dtype=dtype, device=args.device, backend=args.backend)
+    model, main = _load(args, dtype)
     tokenizer = llada_engine.load_tokenizer(args.model)
     texts = _read_prompts(args)
     if args.chat:
@@ -54,7 +57,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     def stream(index: int, tokens: list) -> None:
         produced[index] += tokens
-        if single:
+        if single and main:
             text = tokenizer.decode(produced[index], skip_special_tokens=True)
             print(text[len(shown[0]):], end="", flush=True)
             shown[0] = text
@@ -63,6 +66,9 @@ def _generate(args: argparse.Namespace) -> int:
         model, prompts, gen_length=args.gen_length, block_length=args.block_length, steps=args.steps,
         threshold=args.threshold, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         eos_early_stop=args.eos_early_stop, use_cache=not args.no_cache, seed=args.seed, stream=stream)
+    _stop(args)
+    if not main:
+        return 0
     if single:
         print()
     else:
@@ -71,6 +77,28 @@ def _generate(args: argparse.Namespace) -> int:
             print(tokenizer.decode(tokens, skip_special_tokens=True))
     print(f"[{out.stats}]", file=sys.stderr if args.quiet_stats else sys.stdout)
     return 0
+
+
+def _load(args: argparse.Namespace, dtype):
+    """The model (this rank's part under --parallel tp, in the process group set up here) and whether this
+    process prints."""
+    import llada_engine
+
+    if args.parallel is None:
+        return llada_engine.load_model(args.model, dtype=dtype, device=args.device, backend=args.backend), True
+    from llada_engine import parallel
+
+    device = parallel.start(args.device)
+    model = llada_engine.load_model(args.model, dtype=dtype, device=device, backend=args.backend,
+                                    parallel=args.parallel)
+    return model, parallel.is_main()
+
+
+def _stop(args: argparse.Namespace) -> None:
+    if args.parallel is not None:
+        from llada_engine import parallel
+
+        parallel.stop()
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -106,19 +134,29 @@ def _bench(args: argparse.Namespace) -> int:
     from llada_engine.decoding.speed import random_prompts, speed_row
 
     dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    model = llada_engine.load_model(args.model, dtype=dtype, device=args.device, backend=args.backend)
+    model, main = _load(args, dtype)
     rows = []
     for batch in args.batch:
         prompts = random_prompts(model.config, batch, args.prompt_length, seed=args.seed)
         rows.append(speed_row(model, prompts, gen_length=args.gen_length, uncached=not args.cached_only,
                               block_length=args.block_length, steps=args.steps, threshold=args.threshold))
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()),
-              flush=True)
+        if main:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()),
+                  flush=True)
+    world = model.parallel.world if args.parallel else 1
+    _stop(args)
+    if not main:
+        return 0
     on_gpu = model.device.type == "cuda"
     device = torch.cuda.get_device_name(model.device) if on_gpu else f"cpu x{torch.get_num_threads()}"
-    print(json.dumps({"benchmark": "generate", "model": str(args.model), "device": device,
+    print(json.dumps({"benchmark": "generate", "model": str(args.model), "device": device, "ranks": world,
                       "dtype": str(model.dtype).replace("torch.", ""), "rows": rows}, sort_keys=True))
     return 0
+
+
+def _parallel_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--parallel", choices=["tp"], default=None,
+                        help="tp: tensor- and expert-parallel over the processes of torchrun (rank 0 prints)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
     gen.add_argument("--backend", choices=["kernels", "reference"], default="kernels")
     gen.add_argument("--quiet-stats", action="store_true", help="print the stats line to stderr")
+    _parallel_argument(gen)
     gen.set_defaults(run=_generate)
 
     from llada_engine.train import add_arguments
@@ -177,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     bench.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cpu)")
     bench.add_argument("--backend", choices=["kernels", "reference"], default="kernels")
+    _parallel_argument(bench)
     bench.set_defaults(run=_bench)
     return parser
 
