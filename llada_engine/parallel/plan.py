@@ -9,8 +9,8 @@ divides Hkv, else (N a multiple of Hkv) the one KV head its query heads share, r
 The dense MLP and the shared expert are column-parallel (gate_proj, up_proj: rows) then row-parallel
 (down_proj: columns), the attention output projection row-parallel, the routed experts split by expert
 (E/N consecutive experts per rank), the embedding and lm_head by vocabulary rows. Norms, the router and the
-expert biases are replicated; a row-parallel bias lives on rank 0 (the others hold zeros), so that the sum
-over ranks adds it once.
+expert biases are replicated, and so is the shape of a row-parallel bias: rank 0 holds it, the others zeros,
+so that the sum over ranks adds it once.
 """
 import dataclasses
 from typing import Optional
@@ -128,9 +128,8 @@ def shard_plan(config: LLaDA2Config, rank: int, world: int) -> dict[str, Shard]:
         if config.use_qkv_bias:
             plan[f"{p}.attention.query_key_value.bias"] = qkv
         plan[f"{p}.attention.dense.weight"] = Shard(1, (q_rows,))
-        if config.use_bias:
-            hidden = config.hidden_size
-            plan[f"{p}.attention.dense.bias"] = Shard(0, ((0, hidden),)) if rank == 0 else Shard(zero=True)
+        if config.use_bias and rank > 0:
+            plan[f"{p}.attention.dense.bias"] = Shard(zero=True)
         mlps = []
         if config.is_moe_layer(layer):
             experts = column(config.num_experts)

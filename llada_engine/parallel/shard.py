@@ -29,7 +29,7 @@ from ..model.model import LLaDA2Model
 from ..model.modules import Attention
 from .collectives import require_group
 from .layers import VocabParallelEmbedding, expert_parallel, gather_logits, reduce_output
-from .plan import Shard, rank_heads, shard_plan
+from .plan import rank_heads, shard_plan
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,5 +116,5 @@ def parameter_bytes(model: LLaDA2Model) -> dict[str, int]:
     tensors = dict(model.named_parameters())
     tensors.update(dict(model.named_buffers()))
     sizes = {name: t.numel() * t.element_size() for name, t in tensors.items()}
-    replicated = sum(size for name, size in sizes.items() if not isinstance(plan.get(name), Shard))
+    replicated = sum(size for name, size in sizes.items() if name not in plan or plan[name].zero)
     return {"bytes": sum(sizes.values()), "replicated_bytes": replicated}
