@@ -2,7 +2,8 @@
 commit the confident ones, as the official LLaDA2.0 `generate()` does in one denoising step.
 
     commit_tokens(tokens, logits, *, mask_id, threshold, min_commit, temperature=0.0, top_k=0, top_p=1.0,
-                  seed=0, offset=0) -> CommitResult(tokens, committed, confidence, candidates)
+                  seed=0, offset=0, check_finite=True)
+        -> CommitResult(tokens, committed, confidence, candidates, invalid)
     commit_tokens_(...)       # the same, writing the commits into `tokens` in place
     commit_tokens_ref(...)    # the pure-PyTorch reference (the oracle and the benchmark baseline)
 
@@ -10,11 +11,32 @@ Shapes: tokens int64 [B, L], logits [B, L, V] (fp32, bf16 or fp16), min_commit i
 Proposal: temperature 0 with no top-k/top-p is greedy (x0 = first argmax, confidence = softmax(logits)[x0]
 in fp32); otherwise logits / temperature, then top-k (ties with the k-th value kept), then top-p (a token
 is kept when the probability mass strictly above it is <= top_p), then x0 drawn by inverse CDF in
-vocabulary order with the Philox uniform of (seed, offset, row = b * L + l), or the argmax when
-temperature is 0; confidence = the probability of x0 after filtering.
+vocabulary order with the Philox uniform of (seed, offset, row), or the argmax when temperature is 0;
+confidence = the probability of x0 after filtering.
 Commit per sequence: every masked position with confidence > threshold; if fewer than min_commit[b] pass,
 the min(min_commit[b], masked) most confident instead (ties to the lower position). Positions that are
 not masked never change and get confidence -inf.
+
+Per-sequence parameters: threshold, temperature, top_k, top_p, seed and offset each take a number (the same
+for every sequence) or a 1-D tensor [B] with one value per sequence (float32 threshold / temperature / top_p,
+int32 top_k, int64 seed / offset; other dtypes are converted), on the tokens' device or on the CPU (there its
+values are checked, then uploaded without waiting for the device). A sequence with temperature 0 and no
+top-k/top-p is greedy, the others sample, all in one call. Which Philox row a position draws:
+  - every parameter a number: one stream over the batch, row = b * L + l (position l of sequence b);
+  - any parameter a tensor: each sequence its own stream (seed[b], offset[b]), row = l. Sequence b then gets
+    bit for bit what the call on sequence b alone (B = 1, its values as numbers) gives, whatever else is in
+    the batch and wherever it sits. (A call with B = 1 draws row = l either way.)
+Numbers, and tensors on the CPU, are checked: threshold in [0, 1], temperature finite and >= 0, top_k >= 0,
+top_p in (0, 1]. Tensors on a GPU are trusted, not read: a value outside those ranges gives unspecified
+tokens (top_k <= 0 or >= V and top_p >= 1 mean off), never an out-of-bounds read.
+
+NaN: a position whose logits hold a NaN, or have no finite maximum (after temperature), proposes token 0
+with confidence NaN where masked and is never committed; the other positions commit as usual, and
+invalid[b] (bool [B], on the tokens' device, filled by the kernel) says whether sequence b had such a
+position. check_finite=True raises ValueError when any sequence had one, after the call (commit_tokens_ has
+then written the others' commits); on a GPU that check is one host synchronisation, skipped while a CUDA
+graph is captured. A hot path passes check_finite=False, which never synchronises (and does not break a
+torch.compile graph), and reads result.invalid with its own single readback.
 """
 from typing import NamedTuple, Union
 
@@ -23,12 +45,16 @@ import torch
 from .._extension import kernels_available, require_kernels
 from .philox import commit_uniform
 
+Number = Union[int, float]
+PerSequence = Union[Number, torch.Tensor]  # one value for every sequence, or a tensor [B]
+
 
 class CommitResult(NamedTuple):
     tokens: torch.Tensor      # int64 [B, L]: tokens with the commits applied
     committed: torch.Tensor   # bool [B, L]: positions committed by this call
-    confidence: torch.Tensor  # fp32 [B, L]: confidence of x0 at masked positions, -inf elsewhere
+    confidence: torch.Tensor  # fp32 [B, L]: confidence of x0 at masked positions, -inf elsewhere (NaN: invalid)
     candidates: torch.Tensor  # int64 [B, L]: proposed token x0 at every position
+    invalid: torch.Tensor     # bool [B]: the sequence's logits held a NaN (or a row with no finite maximum)
 
 
 def _min_commit_tensor(min_commit: Union[int, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
@@ -44,36 +70,76 @@ def _min_commit_tensor(min_commit: Union[int, torch.Tensor], tokens: torch.Tenso
     return torch.full((tokens.shape[0],), min_commit, dtype=torch.int32, device=tokens.device)
 
 
-def _raise_if_nan(confidence: torch.Tensor) -> None:
-    # The CPU kernel raises itself; a CUDA kernel marks NaN rows with a NaN confidence instead of
-    # synchronising, so the check costs one sync here and is skipped while a CUDA graph is captured.
-    if confidence.is_cuda and not torch.cuda.is_current_stream_capturing():
-        if torch.isnan(confidence).any():
-            raise ValueError("commit_tokens: logits contain NaN (or a row with no finite maximum)")
+# The per-sequence parameters: name, dtype of its tensor form, and the check of a number.
+_PER_SEQUENCE = (
+    ("threshold", torch.float32, lambda x: 0.0 <= x <= 1.0, "in [0, 1]"),
+    ("temperature", torch.float32, lambda x: x >= 0.0 and x != float("inf"), "finite and >= 0"),
+    ("top_k", torch.int32, lambda x: x >= 0, ">= 0"),
+    ("top_p", torch.float32, lambda x: 0.0 < x <= 1.0, "in (0, 1]"),
+    ("seed", torch.int64, lambda x: True, ""),
+    ("offset", torch.int64, lambda x: True, ""),
+)
 
 
-def commit_tokens(tokens: torch.Tensor, logits: torch.Tensor, *, mask_id: int, threshold: float,
-                  min_commit: Union[int, torch.Tensor], temperature: float = 0.0, top_k: int = 0,
-                  top_p: float = 1.0, seed: int = 0, offset: int = 0) -> CommitResult:
+def _per_sequence(tokens: torch.Tensor, values: dict) -> tuple[list[torch.Tensor], bool]:
+    """The six sampling parameters as [B] tensors for the op, and whether each sequence has its own stream."""
+    own_streams = any(isinstance(values[name], torch.Tensor) for name, *_ in _PER_SEQUENCE)
+    B = tokens.shape[0]
+    tensors = []
+    for name, dtype, ok, rule in _PER_SEQUENCE:
+        value = values[name]
+        if isinstance(value, torch.Tensor):
+            if value.dim() != 1 or value.shape[0] != B:
+                raise ValueError(f"commit_tokens: {name} must be a number or a tensor of shape [B] = [{B}], "
+                                 f"got shape {list(value.shape)}")
+            tensors.append(value.to(dtype))
+            continue
+        integral = dtype != torch.float32
+        if isinstance(value, bool) or not isinstance(value, int if integral else (int, float)):
+            raise TypeError(f"commit_tokens: {name} must be {'an int' if integral else 'a number'} or a tensor [B], "
+                            f"got {type(value).__name__}")
+        if not ok(value):  # NaN fails every comparison
+            raise ValueError(f"commit_tokens: {name} must be {rule}, got {value}")
+        tensors.append(torch.full((B,), value, dtype=dtype, device=tokens.device))
+    return tensors, own_streams
+
+
+def _raise_if_invalid(invalid: torch.Tensor) -> None:
+    # One host synchronisation on a GPU; skipped while a CUDA graph is captured.
+    if invalid.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    if bool(invalid.any()):
+        raise ValueError("commit_tokens: logits contain NaN (or a row with no finite maximum)")
+
+
+def commit_tokens(tokens: torch.Tensor, logits: torch.Tensor, *, mask_id: int, threshold: PerSequence,
+                  min_commit: Union[int, torch.Tensor], temperature: PerSequence = 0.0, top_k: PerSequence = 0,
+                  top_p: PerSequence = 1.0, seed: PerSequence = 0, offset: PerSequence = 0,
+                  check_finite: bool = True) -> CommitResult:
     """One denoising step's commit on the current block; returns new tensors (see the module doc)."""
     require_kernels("commit_tokens")
-    result = CommitResult(*torch.ops.llada.commit_tokens(
-        tokens, logits, _min_commit_tensor(min_commit, tokens), mask_id=mask_id, threshold=threshold,
-        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, offset=offset))
-    _raise_if_nan(result.confidence)
+    params, own_streams = _per_sequence(tokens, dict(threshold=threshold, temperature=temperature, top_k=top_k,
+                                                     top_p=top_p, seed=seed, offset=offset))
+    result = CommitResult(*torch.ops.llada.commit_tokens_per_seq(
+        tokens, logits, _min_commit_tensor(min_commit, tokens), *params, mask_id=mask_id, own_streams=own_streams))
+    if check_finite:
+        _raise_if_invalid(result.invalid)
     return result
 
 
-def commit_tokens_(tokens: torch.Tensor, logits: torch.Tensor, *, mask_id: int, threshold: float,
-                   min_commit: Union[int, torch.Tensor], temperature: float = 0.0, top_k: int = 0,
-                   top_p: float = 1.0, seed: int = 0, offset: int = 0) -> CommitResult:
+def commit_tokens_(tokens: torch.Tensor, logits: torch.Tensor, *, mask_id: int, threshold: PerSequence,
+                   min_commit: Union[int, torch.Tensor], temperature: PerSequence = 0.0, top_k: PerSequence = 0,
+                   top_p: PerSequence = 1.0, seed: PerSequence = 0, offset: PerSequence = 0,
+                   check_finite: bool = True) -> CommitResult:
     """As commit_tokens, writing the commits into `tokens` in place; result.tokens is `tokens`."""
     require_kernels("commit_tokens_")
-    committed, confidence, candidates = torch.ops.llada.commit_tokens_(
-        tokens, logits, _min_commit_tensor(min_commit, tokens), mask_id=mask_id, threshold=threshold,
-        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, offset=offset)
-    _raise_if_nan(confidence)
-    return CommitResult(tokens, committed, confidence, candidates)
+    params, own_streams = _per_sequence(tokens, dict(threshold=threshold, temperature=temperature, top_k=top_k,
+                                                     top_p=top_p, seed=seed, offset=offset))
+    committed, confidence, candidates, invalid = torch.ops.llada.commit_tokens_per_seq_(
+        tokens, logits, _min_commit_tensor(min_commit, tokens), *params, mask_id=mask_id, own_streams=own_streams)
+    if check_finite:
+        _raise_if_invalid(invalid)
+    return CommitResult(tokens, committed, confidence, candidates, invalid)
 
 
 def _filter_top_p(z: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -88,46 +154,68 @@ def _filter_top_p(z: torch.Tensor, top_p: float) -> torch.Tensor:
     return z.masked_fill(~keep, float("-inf"))
 
 
-def _propose_ref(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, seed: int,
-                 offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-    B, L, V = logits.shape
-    z = logits.float()                                                   # [B, L, V]
+def _propose_ref(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, seed: int, offset: int,
+                 rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x0, confidence and invalid [n, L] for logits [n, L, V] of sequences sharing these parameters; rows
+    int64 [n, L] are the Philox rows the positions draw."""
+    V = logits.shape[-1]
+    z = logits.float()                                                   # [n, L, V]
     if temperature > 0:
         z = z / temperature
-    if torch.isnan(z).any() or not torch.isfinite(z.amax(-1)).all():
-        raise ValueError("commit_tokens: logits contain NaN (or a row with no finite maximum)")
+    invalid = torch.isnan(z).any(-1) | ~torch.isfinite(z.amax(-1))       # [n, L]
+    z = torch.where(invalid.unsqueeze(-1), torch.zeros_like(z), z)
     if 0 < top_k < V:
         kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
         z = z.masked_fill(z < kth, float("-inf"))
     if top_p < 1.0:
         z = _filter_top_p(z, top_p)
-    probs = torch.softmax(z, dim=-1)                                     # [B, L, V]
-    x0 = z.argmax(-1)                                                    # [B, L]
+    probs = torch.softmax(z, dim=-1)                                     # [n, L, V]
+    x0 = z.argmax(-1)                                                    # [n, L]
     if temperature > 0:
-        u = commit_uniform(seed, offset, torch.arange(B * L, device=logits.device)).view(B, L)
+        u = commit_uniform(seed, offset, rows)
         cum = probs.double().cumsum(-1)
         drawn = (cum <= u.double().unsqueeze(-1)).sum(-1)
         last_kept = V - 1 - (probs > 0).flip(-1).int().argmax(-1)
         x0 = torch.where(drawn >= V, last_kept, drawn)
-    return x0, probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+    confidence = probs.gather(-1, x0.unsqueeze(-1)).squeeze(-1)
+    x0 = torch.where(invalid, torch.zeros_like(x0), x0)
+    return x0, confidence.masked_fill(invalid, float("nan")), invalid
 
 
-def commit_tokens_ref(tokens: torch.Tensor, logits: torch.Tensor, *, mask_id: int, threshold: float,
-                      min_commit: Union[int, torch.Tensor], temperature: float = 0.0, top_k: int = 0,
-                      top_p: float = 1.0, seed: int = 0, offset: int = 0) -> CommitResult:
-    """Pure-PyTorch reference of commit_tokens: composed torch ops, fp32 (float64 cumulative sums)."""
+def commit_tokens_ref(tokens: torch.Tensor, logits: torch.Tensor, *, mask_id: int, threshold: PerSequence,
+                      min_commit: Union[int, torch.Tensor], temperature: PerSequence = 0.0, top_k: PerSequence = 0,
+                      top_p: PerSequence = 1.0, seed: PerSequence = 0, offset: PerSequence = 0,
+                      check_finite: bool = True) -> CommitResult:
+    """Pure-PyTorch reference of commit_tokens: composed torch ops, fp32 (float64 cumulative sums); with
+    per-sequence parameters, each sequence on its own with its own values."""
     B, L = tokens.shape
     min_commit = _min_commit_tensor(min_commit, tokens).long()          # [B]
-    candidates, prop_conf = _propose_ref(logits, temperature, top_k, top_p, seed, offset)
+    values = dict(threshold=threshold, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, offset=offset)
+    if any(isinstance(v, torch.Tensor) for v in values.values()):
+        per_seq = [{k: (v[b].item() if isinstance(v, torch.Tensor) else v) for k, v in values.items()} for b in range(B)]
+        rows = torch.arange(L, device=tokens.device).unsqueeze(0)      # [1, L]: each sequence its own stream
+        parts = [_propose_ref(logits[b:b + 1], s["temperature"], s["top_k"], s["top_p"], s["seed"], s["offset"], rows)
+                 for b, s in enumerate(per_seq)]
+        candidates, prop_conf, invalid_rows = (torch.cat(t) for t in zip(*parts))
+        thresholds = torch.tensor([s["threshold"] for s in per_seq], dtype=torch.float32, device=tokens.device)
+    else:
+        rows = torch.arange(B * L, device=tokens.device).view(B, L)    # one stream over the batch
+        candidates, prop_conf, invalid_rows = _propose_ref(logits, temperature, top_k, top_p, seed, offset, rows)
+        thresholds = torch.full((B,), float(threshold), dtype=torch.float32, device=tokens.device)
+    invalid = invalid_rows.any(1)                                        # [B]
+    if check_finite and invalid.any():
+        raise ValueError("commit_tokens: logits contain NaN (or a row with no finite maximum)")
     masked = tokens == mask_id                                          # [B, L]
     confidence = torch.where(masked, prop_conf, torch.full_like(prop_conf, float("-inf")))
-    passing = masked & (confidence > threshold)
-    take = torch.minimum(min_commit, masked.sum(1))                     # [B]
-    order = torch.sort(confidence, dim=1, descending=True, stable=True).indices
+    eligible = masked & ~invalid_rows
+    passing = eligible & (confidence > thresholds.unsqueeze(1))
+    take = torch.minimum(min_commit, eligible.sum(1))                   # [B]
+    ranked = confidence.masked_fill(~eligible, float("-inf"))
+    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(1, order, torch.arange(L, device=tokens.device).expand(B, L))
-    top = masked & (rank < take.unsqueeze(1))
+    top = eligible & (rank < take.unsqueeze(1))
     committed = torch.where((passing.sum(1) >= min_commit).unsqueeze(1), passing, top)
-    return CommitResult(torch.where(committed, candidates, tokens), committed, confidence, candidates)
+    return CommitResult(torch.where(committed, candidates, tokens), committed, confidence, candidates, invalid)
 
 
 if kernels_available():
@@ -142,3 +230,16 @@ if kernels_available():
                                     top_p, seed, offset):
         return (torch.empty_like(tokens, dtype=torch.bool), torch.empty_like(tokens, dtype=torch.float32),
                 torch.empty_like(tokens))
+
+    @torch.library.register_fake("llada::commit_tokens_per_seq")
+    def _commit_tokens_per_seq_fake(tokens, logits, min_commit, threshold, temperature, top_k, top_p, seed, offset,
+                                    *, mask_id, own_streams=True):
+        return (torch.empty_like(tokens), torch.empty_like(tokens, dtype=torch.bool),
+                torch.empty_like(tokens, dtype=torch.float32), torch.empty_like(tokens),
+                tokens.new_empty(tokens.shape[:1], dtype=torch.bool))
+
+    @torch.library.register_fake("llada::commit_tokens_per_seq_")
+    def _commit_tokens_per_seq_inplace_fake(tokens, logits, min_commit, threshold, temperature, top_k, top_p, seed,
+                                            offset, *, mask_id, own_streams=True):
+        return (torch.empty_like(tokens, dtype=torch.bool), torch.empty_like(tokens, dtype=torch.float32),
+                torch.empty_like(tokens), tokens.new_empty(tokens.shape[:1], dtype=torch.bool))

@@ -529,4 +529,9 @@ def opcheck_samples(device):
     lens = torch.tensor([5, 0], dtype=torch.int32, device=device)
     samples["block_attention_decode"].append(((decode[0], decode[1], decode[2], lens, decode[3], decode[4]),
                                               dict(softmax_scale=0.25)))
+    pools = [torch.randn(3, 8, 2, d, generator=g).to(device, dtype) for _ in range(2)]  # paged: 3 pages of 8 rows
+    table = torch.tensor([[2, 0], [1, -1]], dtype=torch.int32, device=device)
+    lens = torch.tensor([13, 0], dtype=torch.int32, device=device)
+    samples["block_attention_decode"].append(((decode[0], *pools, lens, decode[3], decode[4]),
+                                              dict(softmax_scale=0.25, block_table=table)))
     return samples

@@ -155,13 +155,12 @@ def test_sampled_distribution_is_the_filtered_softmax(device, sampling, keep):
 def test_nan_raises(device, V):
     tokens, logits, mask_id = make_block(2, 8, V, device=device, seed=7)
     logits[1, 3, V - 17] = float("nan")
-    before = tokens.clone()
+    tokens[1, 3] = mask_id
     with pytest.raises(ValueError, match="NaN"):
         commit_tokens(tokens, logits, mask_id=mask_id, threshold=0.5, min_commit=1)
     with pytest.raises(ValueError, match="NaN"):
         commit_tokens_(tokens, logits, mask_id=mask_id, threshold=0.5, min_commit=1)
-    if device == "cpu":
-        assert torch.equal(tokens, before)
+    assert tokens[1, 3] == mask_id, "the NaN position was committed"
     with pytest.raises(ValueError, match="NaN"):
         commit_tokens_ref(tokens, logits, mask_id=mask_id, threshold=0.5, min_commit=1)
 
@@ -202,11 +201,19 @@ def test_bad_arguments_are_named(change, match):
 
 
 def opcheck_samples(device):
-    """(args, kwargs) samples for torch.library.opcheck of llada::commit_tokens and llada::commit_tokens_."""
+    """(args, kwargs) samples for torch.library.opcheck of llada::commit_tokens(_) and
+    llada::commit_tokens_per_seq(_)."""
     tokens, logits, mask_id = make_block(3, 8, 64, device=device, seed=10)
     min_commit = torch.tensor([1, 0, 3], dtype=torch.int32, device=device)
     kw = dict(mask_id=mask_id, threshold=0.5, temperature=0.0, top_k=0, top_p=1.0, seed=0, offset=0)
     sampled = dict(kw, temperature=0.9, top_k=10, top_p=0.9, seed=5, offset=1)
     samples = [((tokens, logits, min_commit), kw), ((tokens, logits.bfloat16(), min_commit), sampled)]
+    per_seq = (torch.tensor([0.5, 0.9, 0.0]), torch.tensor([0.0, 0.8, 1.5]), torch.tensor([0, 5, 0], dtype=torch.int32),
+               torch.tensor([1.0, 1.0, 0.7]), torch.tensor([3, 4, 5]), torch.tensor([0, 2, 1]))
+    on_device = tuple(t.to(device) for t in per_seq)
+    per_seq_samples = [((tokens, logits, min_commit) + on_device, dict(mask_id=mask_id)),
+                       ((tokens, logits.bfloat16(), min_commit) + per_seq, dict(mask_id=mask_id, own_streams=False))]
     return {"commit_tokens": samples,
-            "commit_tokens_": [((a[0].clone(),) + a[1:], k) for a, k in samples]}
+            "commit_tokens_": [((a[0].clone(),) + a[1:], k) for a, k in samples],
+            "commit_tokens_per_seq": per_seq_samples,
+            "commit_tokens_per_seq_": [((a[0].clone(),) + a[1:], k) for a, k in per_seq_samples]}
