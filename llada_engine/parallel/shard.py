@@ -4,17 +4,18 @@
     model.parallel                               # TensorParallel: group, rank, world, the full config
     parameter_bytes(model)                       # what this rank holds, and how much of it is replicated
 
-The model keeps its methods and its decoding interface (forward, prefill, the cached forward): every rank runs
+The model keeps its methods and its decoding interface (forward, prefill, forward_paged): every rank runs
 them on the same inputs, holds the same hidden states and gets the same full logits, so decoding commits the
 same tokens everywhere. Per decoder layer there is one all-reduce after attention and one after the MLP (the
 routed experts and the shared expert of a MoE layer together); the embedding sums its vocabulary slices, and
 lm_head's slices are gathered into the full logits.
 
 `model.config` becomes the config of what the rank computes: the checkpoint's, with the rank's own
-num_attention_heads and num_key_value_heads, so that a KV cache made from it holds the rank's heads only;
-`model.parallel.config` is the checkpoint's. A meta model is sharded as meta (checkpoint loading fills it);
-a model with weights keeps copies of its slices. As FSDP2's fully_shard does, the model's class becomes a
-subclass that keeps the expert-parallel ops when the backend changes and refuses to save a partial checkpoint.
+num_attention_heads and num_key_value_heads, so that the page pools of an Engine on it hold the rank's KV
+heads only; `model.parallel.config` is the checkpoint's. A meta model is sharded as meta (checkpoint loading
+fills it); a model with weights keeps copies of its slices. As FSDP2's fully_shard does, the model's class
+becomes a subclass that keeps the expert-parallel ops when the backend changes and refuses to save a partial
+checkpoint.
 """
 import dataclasses
 from typing import Optional

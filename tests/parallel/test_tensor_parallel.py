@@ -1,6 +1,7 @@
 """Tensor- and expert-parallel inference under torchrun (gloo, CPU) with 2 and 4 processes against one process
 on random official-format checkpoints: logits to fp32 rounding, identical tokens (greedy and sampled, cached
-and uncached, batched), each rank reading and holding its 1/N of the weights; the CLI under torchrun; the
+and uncached, batched, and from an Engine serving staggered requests), page pools of the rank's KV heads,
+each rank reading and holding its 1/N of the weights; the CLI under torchrun; the
 errors without a process group or with a number of ranks that does not divide the model."""
 import json
 import subprocess
@@ -57,8 +58,9 @@ def run_worker(tmp_path: Path, world: int, checkpoints: dict) -> dict:
 
 
 def check(result: dict, cfg: dict, world: int) -> None:
-    assert result["local_heads"] == [cfg["num_attention_heads"] // world,
-                                     max(cfg["num_key_value_heads"] // world, 1)]
+    local_kv = max(cfg["num_key_value_heads"] // world, 1)
+    assert result["local_heads"] == [cfg["num_attention_heads"] // world, local_kv]
+    assert result["pool_kv_heads"] == [cfg["num_key_value_heads"], local_kv]
     scale = result["logits_scale"]
     for key in ("logits", "cached_logits", "reference_logits"):
         assert result[key] <= 2e-6 * scale, (key, result[key], scale)
@@ -66,6 +68,9 @@ def check(result: dict, cfg: dict, world: int) -> None:
         assert tokens == {"same_as_one_process": True, "same_on_every_rank": True, "streamed_all": True,
                           "tokens": tokens["tokens"]}, key
         assert tokens["tokens"] > 0
+    assert result["engine"] == {"same_as_one_process": True, "same_on_every_rank": True,
+                                "tokens": result["engine"]["tokens"]}
+    assert result["engine"]["tokens"] > 0
     full, replicated = result["full_bytes"], result["replicated_bytes"]
     share = (full - replicated) // world + replicated + kv_replica_bytes(cfg, world)
     assert result["rank_bytes"] == [share] * world

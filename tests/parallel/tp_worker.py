@@ -3,18 +3,21 @@
     torchrun --nproc_per_node N tests/parallel/tp_worker.py OUT.json CHECKPOINT...
 
 For each checkpoint it loads the single-process model and this rank's tensor-parallel part, and measures
-how far apart they are: packed logits (block_causal and bd3, a few rows only), the prefill and cached block
-logits, greedy and sampled generate with and without the cache on a batch, the backend switch to the
-references, and each rank's parameter bytes. Rank 0 writes the measurements; the test judges them.
+how far apart they are: packed logits (block_causal and bd3, a few rows only), the prefill and paged block
+logits (and the KV heads a page pool holds), greedy and sampled generate with and without the cache on a
+batch, an Engine serving staggered requests, the backend switch to the references, and each rank's parameter
+bytes. Rank 0 writes the measurements; the test judges them.
 """
 import json
+import random
 import sys
 
 import torch
 import torch.distributed as dist
 
 import llada_engine
-from llada_engine.decoding.kv_cache import KVCache
+from llada_engine.decoding import Engine
+from llada_engine.decoding.paged_cache import PagedKVCache
 from llada_engine.parallel import loading, parameter_bytes
 
 
@@ -65,15 +68,50 @@ def packed(vocab: int, lengths, seed: int):
     return ids, cu
 
 
-def cached_logits(model, ids, cu, block: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Prefill of the packed prompts, then one cached step that also writes the block, then one more."""
+def cached_logits(model, ids, cu, blocks: torch.Tensor, Lb: int) -> tuple[torch.Tensor, list]:
+    """Prefill of the packed prompts (whole blocks of Lb) into a paged cache, then one paged step that also
+    stores the block, then one more step against it: logits [2B, Lb, V], and the shape of a page pool."""
     cfg = model.config
-    cache = KVCache(cfg.num_hidden_layers, len(cu) - 1, 64, cfg.num_key_value_heads, cfg.head_dim, model.dtype,
-                    model.device)
-    model.prefill(ids, cu, cache, torch.arange(len(cu) - 1), block_size)
-    first = model.forward_cached(block, cache, torch.arange(len(cu) - 1))
-    second = model.forward_cached(block.flip(1), cache)
-    return torch.cat([first, second])
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    B = len(lengths)
+    cache = PagedKVCache(cfg.num_hidden_layers, sum(lengths) // Lb + B, Lb, cfg.num_key_value_heads, cfg.head_dim,
+                         model.dtype, model.device, max_slots=B, max_pages=max(lengths) // Lb + 1)
+    for slot, n in enumerate(lengths):
+        cache.allocate(slot, n // Lb + 1)
+    slots = torch.cat([cache.prefill_slots(slot, n) for slot, n in enumerate(lengths)])
+    positions = torch.cat([torch.arange(n) for n in lengths])
+    model.prefill(ids, cu, positions, max(lengths), Lb, cache, slots)
+    out = []
+    for block, writing in ((blocks, True), (blocks.flip(1), False)):
+        view = cache.decode_view(list(range(B)), [writing] * B, Lb)
+        positions = (view.seqlens.long()[:, None] + torch.arange(Lb)).reshape(-1)
+        out.append(model.forward_paged(block, positions, cache, view))
+        if writing:
+            for slot in range(B):
+                cache.advance(slot, Lb)
+    return torch.cat(out), list(cache.k_pages[0].shape)
+
+
+def staggered(model, cfg, seed: int) -> list[list[int]]:
+    """The tokens of 24 requests with random prompts and parameters (greedy and sampled) submitted to one
+    Engine a few at a time while it steps, in submission order."""
+    rng = random.Random(seed)
+    engine = Engine(model, max_running=4, cache_tokens=24 * 8, block_length=8)
+    pending = []
+    for _ in range(24):
+        prompt = [rng.randrange(cfg.vocab_size - 2) for _ in range(rng.randint(1, 20))]
+        kw = dict(gen_length=rng.randint(1, 20), steps=rng.choice([1, 2, 4, 8]), threshold=rng.choice([0.3, 0.9]))
+        if rng.random() < 0.5:
+            kw |= dict(temperature=rng.choice([0.7, 1.3]), top_k=rng.choice([0, 5]), seed=rng.randrange(1 << 32))
+        pending.append((prompt, kw))
+    requests = []
+    while pending or engine.running or engine.waiting:
+        for _ in range(rng.choice([0, 1, 1, 3])):
+            if pending:
+                prompt, kw = pending.pop()
+                requests.append(engine.submit(prompt, **kw))
+        engine.step()
+    return [r.result() for r in requests]
 
 
 def compare(path: str) -> dict:
@@ -92,10 +130,11 @@ def compare(path: str) -> dict:
                             max_diff(full(ids, cu, block_size=4, logits_at=rows),
                                      tp(ids, cu, block_size=4, logits_at=rows)))
         out["logits_scale"] = full(ids, cu, block_size=4).abs().max().item()
-        prompts, pcu = packed(vocab, [8, 4, 12], seed=2)
-        block = packed(vocab, [12], seed=3)[0].view(3, 4)
-        out["cached_logits"] = max_diff(cached_logits(full, prompts, pcu, block, 4),
-                                        cached_logits(tp, prompts, pcu, block, 4))
+        prompts, pcu = packed(vocab, [8, 16, 24], seed=2)
+        blocks = packed(vocab, [24], seed=3)[0].view(3, 8)
+        (want, full_pool), (got, tp_pool) = (cached_logits(m, prompts, pcu, blocks, 8) for m in (full, tp))
+        out["cached_logits"] = max_diff(want, got)
+        out["pool_kv_heads"] = [full_pool[2], tp_pool[2]]
         tp.backend = full.backend = "reference"
         out["reference_logits"] = max_diff(full(ids, cu, block_size=4), tp(ids, cu, block_size=4))
         tp.backend = full.backend = "kernels"
@@ -115,6 +154,11 @@ def compare(path: str) -> dict:
             tokens[key] = {"same_as_one_process": got == want, "same_on_every_rank": all(e == got for e in everyone),
                            "streamed_all": streamed == got, "tokens": sum(len(s) for s in got)}
     out["generate"] = tokens
+    got = staggered(tp, cfg, seed=7)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, got)
+    out["engine"] = {"same_as_one_process": got == staggered(full, cfg, seed=7),
+                     "same_on_every_rank": all(e == got for e in everyone), "tokens": sum(len(s) for s in got)}
 
     params = dict(tp.named_parameters())
     zeros = sum(params[n].numel() * params[n].element_size() for n, s in tp.parallel.plan.items() if s.zero)
