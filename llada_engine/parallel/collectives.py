@@ -4,6 +4,7 @@ gloo on CPUs), each the identity on a group of one.
     group = require_group(group)          # the given group, or the default one; a clear error without one
     all_reduce_(x, group)                 # x summed over ranks, in place
     gather_last_dim(x, group)             # [..., n] on each rank -> [..., world * n], rank order
+    least(value, group, device)           # the smallest of the ranks' ints (a host value all must agree on)
 """
 from typing import Optional
 
@@ -34,3 +35,11 @@ def gather_last_dim(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     out = rows.new_empty((world * rows.shape[0], n))                         # [world * R, n]
     dist.all_gather_single(out, rows, group=group)
     return out.view(world, rows.shape[0], n).transpose(0, 1).reshape(*lead, world * n)
+
+
+def least(value: int, group: dist.ProcessGroup, device: torch.device) -> int:
+    if dist.get_world_size(group) == 1:
+        return value
+    x = torch.tensor([value], dtype=torch.int64, device=device)      # NCCL reduces device tensors only
+    dist.all_reduce(x, op=dist.ReduceOp.MIN, group=group)
+    return int(x.item())

@@ -28,7 +28,7 @@ from ..model.backend import op_set
 from ..model.config import LLaDA2Config
 from ..model.model import LLaDA2Model
 from ..model.modules import Attention
-from .collectives import require_group
+from .collectives import least, require_group
 from .layers import VocabParallelEmbedding, expert_parallel, gather_logits, reduce_output
 from .plan import rank_heads, shard_plan
 
@@ -44,6 +44,11 @@ class TensorParallel:
     @property
     def first_expert(self) -> int:
         return self.rank * (self.config.num_experts or 0) // self.world
+
+    def least(self, value: int, device: torch.device) -> int:
+        """The smallest of every rank's `value`: for what the ranks must decide alike from what differs
+        between them (a cache size from each GPU's free memory)."""
+        return least(value, self.group, device)
 
 
 class TensorParallelModel:

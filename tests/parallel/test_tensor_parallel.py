@@ -78,6 +78,7 @@ def check(result: dict, cfg: dict, world: int) -> None:
     for held, read, zeros in zip(result["rank_bytes"], result["rank_read_bytes"], result["rank_zero_bytes"]):
         assert read == held - zeros
     assert result["save_refused"]
+    assert result["least"] == 10
 
 
 @pytest.mark.slow

@@ -169,6 +169,7 @@ def compare(path: str) -> dict:
     out["rank_zero_bytes"] = [s["zeros"] for s in sizes]
     out["replicated_bytes"] = sizes[0]["replicated_bytes"]
     out["full_bytes"] = parameter_bytes(full)["bytes"]
+    out["least"] = tp.parallel.least(10 + (tp.parallel.rank + 1) % tp.parallel.world, tp.device)
     try:
         tp.save_pretrained("unused")
         out["save_refused"] = False
