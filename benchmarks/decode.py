@@ -3,21 +3,23 @@
     python -m benchmarks.decode [--shape tiny|small|mini] [--device cpu|cuda] [--batch 1 16] [--gen-length 256]
     torchrun --nproc_per_node N -m benchmarks.decode --parallel tp [...]
 
-
 Reports tokens/s, tokens per forward (TPF) and the latency of one denoising step for the cached and the
 uncached path, checks that both give identical tokens, and on a GPU the cached step latency against its
 memory floor (bytes of the dense weights, of the experts a step touches and of the KV cache read, over the
 copy bandwidth measured in the same run). Random weights give near-uniform logits, so every step commits the
 scheduled minimum (TPF about 1): the speeds are per-step speeds. The last line printed is JSON.
 
---parallel tp runs the model tensor- and expert-parallel over torchrun's N processes (each builds the same
-random model and keeps its part; with --model DIR each reads its part of the checkpoint) and adds each rank's memory:
-its parameter bytes and, on a GPU, the peak allocated while decoding (on the CPU the resident set after it).
+--parallel tp runs the model tensor- and expert-parallel over torchrun's N processes (rank 0 saves the random
+model to a temporary folder and each rank reads its part of it; with --model DIR its part of that checkpoint)
+and adds each rank's memory: its parameter bytes and the replicated part of them, and on a GPU the peak
+allocated while decoding (on the CPU the resident set after it and its peak).
 On the CPU the ranks share one machine's cores and memory bandwidth: the numbers show the cost of the
 collectives, not a speed-up.
 """
 import argparse
 import resource
+import shutil
+import tempfile
 
 import torch
 import torch.distributed as dist
@@ -108,10 +110,23 @@ def main(argv=None):
 def build_model(args, shape: str, dtype: torch.dtype):
     if args.model is not None:
         return load_model(args.model, dtype=dtype, device=args.device, parallel=args.parallel)
+    model = random_model(LLaDA2Config(**SHAPES[shape]), seed=0, dtype=dtype,
+                         device="cpu" if args.parallel else args.device)
     if args.parallel is None:
-        return random_model(LLaDA2Config(**SHAPES[shape]), seed=0, dtype=dtype, device=args.device)
-    model = random_model(LLaDA2Config(**SHAPES[shape]), seed=0, dtype=dtype)
-    return parallel.parallelize(model).to(args.device)
+        return model
+    # Rank 0 saves the random model; every rank reads its part of it, as from a real checkpoint, so that
+    # its memory is what a rank of a real run holds.
+    folder = [tempfile.mkdtemp(prefix="decode-tp-") if dist.get_rank() == 0 else None]
+    if dist.get_rank() == 0:
+        model.save_pretrained(folder[0])
+    del model
+    dist.broadcast_object_list(folder)
+    try:
+        return load_model(folder[0], dtype=dtype, device=args.device, parallel=args.parallel)
+    finally:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(folder[0])
 
 
 def rank_memory(model, device: str) -> dict:
