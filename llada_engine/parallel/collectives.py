@@ -2,6 +2,7 @@
 gloo on CPUs), each the identity on a group of one.
 
     group = require_group(group)          # the given group, or the default one; a clear error without one
+    check_device(group, device)           # NCCL reduces GPU tensors only
     all_reduce_(x, group)                 # x summed over ranks, in place
     gather_last_dim(x, group)             # [..., n] on each rank -> [..., world * n], rank order
     least(value, group, device)           # the smallest of the ranks' ints (a host value all must agree on)
@@ -18,6 +19,13 @@ def require_group(group: Optional[dist.ProcessGroup] = None) -> dist.ProcessGrou
                            "processes with torchrun and call torch.distributed.init_process_group() first "
                            "(the CLI's --parallel tp does)")
     return group if group is not None else dist.group.WORLD
+
+
+def check_device(group: dist.ProcessGroup, device: torch.device) -> None:
+    backend = dist.get_backend(group)
+    if backend == "nccl" and device.type != "cuda":
+        raise ValueError(f"parallel='tp': the process group's backend is nccl, which needs the model on a GPU, "
+                         f"got device={str(device)!r} (pass device='cuda', or use a gloo group on the CPU)")
 
 
 def all_reduce_(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

@@ -21,7 +21,7 @@ from ..model.checkpoint import (_DTYPES, PROGRESS_BYTES, _materialize, _safetens
 from ..model.config import LLaDA2Config
 from ..model.default import resolve_checkpoint
 from ..model.model import LLaDA2Model
-from .collectives import require_group
+from .collectives import check_device, require_group
 from .shard import parallelize
 
 
@@ -37,6 +37,7 @@ def load_sharded(path: Union[str, Path], *, group: Optional[dist.ProcessGroup] =
     device = torch.device(device or "cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    check_device(group, device)
     with torch.device("meta"):
         model = LLaDA2Model(config, backend=backend)
     entries = list(release_tensors(model))                      # (release, full tensor, ours, index), full shapes

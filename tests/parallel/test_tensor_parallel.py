@@ -1,8 +1,9 @@
 """Tensor- and expert-parallel inference under torchrun (gloo, CPU) with 2 and 4 processes against one process
 on random official-format checkpoints: logits to fp32 rounding, identical tokens (greedy and sampled, cached
 and uncached, batched, and from an Engine serving staggered requests), page pools of the rank's KV heads,
-each rank reading and holding its 1/N of the weights; the CLI under torchrun; the
-errors without a process group or with a number of ranks that does not divide the model."""
+each rank reading and holding its 1/N of the weights; the CLI under torchrun; one rank giving the model's own
+bits; the errors without a process group, with an NCCL group and a CPU model, or with a number of ranks that
+does not divide the model."""
 import json
 import subprocess
 import sys
@@ -126,6 +127,24 @@ def test_load_needs_a_process_group(tmp_path):
         llada_engine.load_model(ckpt, parallel="tp")
     with pytest.raises(ValueError, match="parallel must be None or one of"):
         llada_engine.load_model(ckpt, parallel="pp")
+
+
+@pytest.fixture
+def group_of_one():
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def test_one_rank_is_the_model_and_nccl_needs_a_gpu(tmp_path, group_of_one, monkeypatch):
+    ckpt, cfg, _ = tiny_checkpoint(tmp_path / "tiny")
+    full, tp = llada_engine.load_model(ckpt), llada_engine.load_model(ckpt, parallel="tp")
+    ids = torch.randint(0, cfg["vocab_size"] - 2, (13,), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(tp(ids, block_size=4), full(ids, block_size=4), rtol=0, atol=0)
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: "nccl")
+    with pytest.raises(ValueError, match="backend is nccl, which needs the model on a GPU, got device='cpu'"):
+        llada_engine.load_model(ckpt, parallel="tp")
 
 
 def test_ranks_must_divide_the_model():
