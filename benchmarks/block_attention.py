@@ -1,6 +1,7 @@
-"""Benchmark of block attention (DESIGN.md §3.1): ours against the dense-mask reference (SDPA per document
-over a boolean mask) and, on a GPU, FlexAttention with the equivalent block mask; forward and backward,
-masks bd3 and block_causal, LLaDA2.0 heads (Hq 16, Hkv 4, D 128), packed documents of mixed lengths.
+"""Block attention (docs/ARCHITECTURE.md, Block attention) timed: ours against the dense-mask reference
+(SDPA per document over a boolean mask) and, on a GPU, FlexAttention with the equivalent block mask; forward
+and backward, masks bd3 and block_causal, LLaDA2.0 heads (Hq 16, Hkv 4, D 128), packed documents of mixed
+lengths.
 
     python -m benchmarks.block_attention [--quick] [--tokens 4096 8192 16384] [--dtype float32|bfloat16]
                                          [--decode-cache 4096] [--decode-only]
@@ -101,8 +102,10 @@ def bench_case(mask: str, total: int, device: str, dtype: torch.dtype, repeats: 
     impls = {"ours": lambda a, b, c: block_attention(a, b, c, *args, **kw),
              "dense_ref": lambda a, b, c: block_attention_ref(a, b, c, *args, **kw)}
     if device.startswith("cuda"):
-        # "ours" runs the kernels the op picks (the Hopper ones on sm_90); this one the sm_80 kernels.
-        impls["ours_flash2"] = lambda a, b, c: block_attention(a, b, c, *args, kernel="flash2", **kw)
+        # "ours" runs the kernels kernel="auto" picks (flash2, until the Hopper ones pass the GPU tests on a card);
+        # on sm_90 this one the Hopper kernels.
+        if torch.cuda.get_device_capability(device) == (9, 0):
+            impls["ours_hopper"] = lambda a, b, c: block_attention(a, b, c, *args, kernel="hopper", **kw)
         flex = flex_attention_fn(mask, lengths, device)
         if flex is not None:
             impls["flex"] = flex

@@ -45,7 +45,7 @@ TORCH_LIBRARY(llada, m) {
   m.def("moe_grouped_gemm(Tensor a, Tensor b, Tensor offsets) -> Tensor");
   // Weight gradient of moe_grouped_gemm: grad_b[g] = grad_out[rows of g]^T @ a[rows of g], [E, N, K].
   m.def("moe_grouped_gemm_wgrad(Tensor grad_out, Tensor a, Tensor offsets) -> Tensor");
-  // Block attention over packed varlen documents (DESIGN.md §3.1), mask "block_causal" or "bd3":
+  // Block attention over packed varlen documents (docs/ARCHITECTURE.md, Block attention), mask "block_causal" or "bd3":
   // the output [Tq, Hq, D] and the fp32 log-sum-exp of the scaled masked scores [Tq, Hq].
   // kernel (CUDA): "auto", "flash2" (FlashAttention-2 style, sm_80+) or "hopper" (wgmma + TMA, sm_90a).
   m.def(

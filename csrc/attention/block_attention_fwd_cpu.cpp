@@ -1,4 +1,4 @@
-// C++ CPU forward of block attention (DESIGN.md §3.1): the varlen document-masked forward and the
+// C++ CPU forward (docs/ARCHITECTURE.md, Block attention): the varlen document-masked forward and the
 // decode-time form against a per-sequence cache, contiguous or paged.
 //
 // One task is (sequence, query tile of BQ rows, query head). It keeps the tile's output, running max

@@ -1,4 +1,4 @@
-// CUDA forward of block attention (DESIGN.md §3.1) on CuTe: a FlashAttention-2-style kernel for sm_80
+// CUDA forward (docs/ARCHITECTURE.md, Block attention) on CuTe: a FlashAttention-2-style kernel for sm_80
 // and sm_90 (SM80 bf16/fp16 tensor-core MMA, fp32 accumulation), bf16/fp16, D in {64, 128}.
 //
 // One thread block (4 warps) is one (sequence, query tile of 64 rows, query head). It walks the key

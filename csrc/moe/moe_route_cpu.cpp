@@ -1,4 +1,4 @@
-// C++ CPU kernel of `moe_route` (DESIGN.md §3.2): the LLaDA2 gate, one token per OpenMP iteration,
+// C++ CPU kernel of `moe_route` (docs/ARCHITECTURE.md, Mixture of experts): the gate, one token per OpenMP iteration,
 // with the per-token rule of route_rule.h.
 #include <cmath>
 #include <cstdint>

@@ -1,6 +1,6 @@
-// C++ CPU kernel of `commit_tokens` (DESIGN.md §3.3): one pass over the vocabulary per row for greedy
-// decoding, OpenMP over the B*L rows, then the commit rule per sequence. Each sequence takes its own
-// parameters (sampling/sequence_sampling.h), so greedy and sampled sequences mix in one call.
+// C++ CPU kernel of `commit_tokens` (docs/ARCHITECTURE.md, Token commit): one pass over the vocabulary per
+// row for greedy decoding, OpenMP over the B*L rows, then the commit rule per sequence. Each sequence takes
+// its own parameters (sampling/sequence_sampling.h), so greedy and sampled sequences mix in one call.
 //
 // Greedy (temperature 0, no top-k/top-p): an online max / sum-exp / argmax in one read of the row,
 // chunked so that the max and the exponentials vectorise. Otherwise: the row is scaled by

@@ -1,4 +1,4 @@
-// CUDA kernels of `commit_tokens` (DESIGN.md §3.3). Asynchronous, no host synchronisation, no
+// CUDA kernels of `commit_tokens` (docs/ARCHITECTURE.md, Token commit). Asynchronous, no host synchronisation, no
 // allocation, so a decoding step that calls them can be captured in a CUDA graph.
 //
 // Two launches on the caller's stream (three when parameters differ per sequence):

@@ -35,7 +35,7 @@ from .paged_cache import PagedBatch, PagedKVCache
 from .request import Request, RequestError, TokensCallback
 from .schedule import min_commit_schedule
 from .stats import GenerateStats
-from .validation import DecodeParams, check_prompts, decode_params
+from .validation import DecodeParams, check_positions, check_prompts, decode_params
 
 CPU_CACHE_TOKENS = 1 << 16      # default cache size on the CPU, in tokens
 CUDA_CACHE_FRACTION = 0.8       # default cache size on a GPU: this fraction of the free device memory
@@ -168,7 +168,8 @@ class Engine:
         params = decode_params(self.model.config, gen_length=gen_length, block_length=block_length, steps=steps,
                                threshold=threshold, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                eos_early_stop=eos_early_stop, mask_id=mask_id, eos_id=eos_id)
-        prompt = check_prompts([prompt_ids], self.model.config.vocab_size)[0]
+        (prompt,) = check_prompts([prompt_ids], self.model.config.vocab_size)
+        check_positions(len(prompt), params, self.model.config.max_position_embeddings)
         pages = self.pages_needed(len(prompt), params.gen_length)
         if pages > min(self.cache.num_pages, self.cache.max_pages):
             raise ValueError(f"prompt of {len(prompt)} tokens with gen_length {params.gen_length} needs {pages} "

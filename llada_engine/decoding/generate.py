@@ -1,4 +1,5 @@
-"""Block-diffusion decoding of a list of prompts: the official LLaDA2.0 `generate()`, batched, with a KV cache.
+"""Block-diffusion decoding of a list of prompts (docs/ARCHITECTURE.md, Decoding): the official LLaDA2.0
+`generate()`, batched, with a KV cache.
 
     generate(model, prompts, *, gen_length=256, block_length=32, steps=32, threshold=0.95, temperature=0.0,
              top_k=0, top_p=1.0, eos_early_stop=False, mask_id=None, eos_id=None, use_cache=True, seed=0,
@@ -27,7 +28,7 @@ from .. import ops
 from .engine import Engine, page_size, pages_needed
 from .stats import GenerateStats
 from .uncached import generate_uncached
-from .validation import check_prompts, decode_params
+from .validation import SEED_LIMIT, check_generate
 
 StreamCallback = Callable[[int, list[int]], None]
 
@@ -45,10 +46,10 @@ def generate(model, prompts: Union[Sequence[int], Sequence[Sequence[int]]], *, g
              stream: Optional[StreamCallback] = None) -> GenerateOutput:
     """Decodes every prompt by block diffusion; see the module doc. `stream(prompt_index, tokens)` receives
     each prompt's tokens as its blocks complete."""
-    params = decode_params(model.config, gen_length=gen_length, block_length=block_length, steps=steps,
-                           threshold=threshold, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                           eos_early_stop=eos_early_stop, mask_id=mask_id, eos_id=eos_id)
-    prompts = check_prompts(prompts, model.config.vocab_size)
+    prompts, params = check_generate(
+        model.config, prompts, use_cache=use_cache, stream=stream, gen_length=gen_length, block_length=block_length,
+        steps=steps, threshold=threshold, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        eos_early_stop=eos_early_stop, mask_id=mask_id, eos_id=eos_id)
     stats = GenerateStats()
     started = time.perf_counter()
     if use_cache:
@@ -70,7 +71,8 @@ def _generate_cached(model, prompts, params, stream, stats) -> list[list[int]]:
     for i, prompt in enumerate(prompts):
         callback = None if stream is None else (lambda tokens, i=i: stream(i, tokens))
         requests.append(engine.submit(prompt, **{f.name: getattr(params, f.name) for f in dataclasses.fields(params)
-                                                 if f.name != "seed"}, seed=params.seed + i, callback=callback))
+                                                 if f.name != "seed"}, seed=(params.seed + i) % SEED_LIMIT,
+                                     callback=callback))
     engine.run_until_idle()
     stats.forward_passes, stats.denoise_steps = engine.stats.forward_passes, engine.stats.denoise_steps
     return [r.result() for r in requests]

@@ -8,7 +8,7 @@ import torch
 
 from .schedule import min_commit_schedule
 from .stats import GenerateStats
-from .validation import DecodeParams
+from .validation import DecodeParams, stream_seed
 
 
 @dataclasses.dataclass
@@ -66,7 +66,7 @@ def generate_uncached(model, prompts: list[list[int]], params: DecodeParams, com
             before = s.current(Lb).clone()
             new = commit(before.unsqueeze(0), block_logits.contiguous(), mask_id=p.mask_id,
                          threshold=p.threshold, min_commit=schedule[s.step], temperature=p.temperature,
-                         top_k=p.top_k, top_p=p.top_p, seed=p.seed + s.index, offset=s.draws).tokens[0]
+                         top_k=p.top_k, top_p=p.top_p, seed=stream_seed(p.seed, s.index), offset=s.draws).tokens[0]
             s.current(Lb).copy_(new)
             s.step += 1
             s.draws += 1

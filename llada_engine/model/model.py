@@ -1,4 +1,4 @@
-"""The LLaDA2.0 model: embeddings, decoder layers, final norm and the untied lm_head (DESIGN.md §4).
+"""The LLaDA2.0 model: embeddings, decoder layers, final norm and the untied lm_head (docs/ARCHITECTURE.md, Model).
 
     model(input_ids, cu_seqlens=None, *, block_size, mask="block_causal", logits_at=None) -> logits fp32 [T, V]
     (or [N, V] for the N token indices `logits_at`: training needs the logits of a few tokens only)

@@ -1,4 +1,4 @@
-"""The LLaDA2.0 layers (DESIGN.md §4), numerically as the official modeling code: fp32 RMSNorm, fused QKV,
+"""The LLaDA2.0 layers (docs/ARCHITECTURE.md, Model), numerically as the official modeling: fp32 RMSNorm, fused QKV,
 per-head RMSNorm on q and k, NeoX rotary on the first `rope_dim` dims, SwiGLU MLPs, the sigmoid
 group-limited router in fp32 and the routed experts through the grouped-GEMM op.
 

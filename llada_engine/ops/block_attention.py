@@ -1,4 +1,4 @@
-"""Varlen document-masked block attention (DESIGN.md §3.1): the attention of prefill, decoding and
+"""Varlen document-masked block attention (docs/ARCHITECTURE.md, Block attention): prefill, decoding and
 block-diffusion training.
 
     block_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, block_size,
@@ -18,7 +18,7 @@ Masks (pos = position in its sequence, blk(p) = p // block_size):
                 query sees the clean keys of its own and earlier blocks, never a noisy key.
 block_attention is differentiable in q, k and v (and through lse). On CUDA, `kernel` picks the forward:
 "hopper" (wgmma + TMA, sm_90a builds on H100/H200, 16-byte aligned rows), "flash2" (any sm_80+ GPU) or
-"auto" (hopper where it applies; the default, unless the environment sets LLADA_ATTENTION_KERNEL); the
+"auto" (flash2 until hopper passes the GPU tests; the default, unless LLADA_ATTENTION_KERNEL is set); the
 backward's main kernel follows the same choice.
 
 The decode form: the current block of every sequence, q / k_new / v_new [B, Lb, H, D], sees the first

@@ -1,4 +1,4 @@
-"""Parallel token commit (DESIGN.md §3.3): propose a token per position of the current block and
+"""Parallel token commit (docs/ARCHITECTURE.md, Token commit): propose a token per position of the current block and
 commit the confident ones, as the official LLaDA2.0 `generate()` does in one denoising step.
 
     commit_tokens(tokens, logits, *, mask_id, threshold, min_commit, temperature=0.0, top_k=0, top_p=1.0,

@@ -16,10 +16,10 @@ import torch.distributed as dist
 from safetensors import safe_open
 from tqdm import tqdm
 
-from ..model.checkpoint import (_DTYPES, PROGRESS_BYTES, _materialize, _safetensors_dtype_name, _unreadable,
-                                _weight_files, release_tensors)
+from ..model.checkpoint import (_DTYPES, PROGRESS_BYTES, _materialize, _model_dtypes, _unreadable, _weight_files,
+                                release_tensors)
 from ..model.config import LLaDA2Config
-from ..model.default import resolve_checkpoint
+from ..model.hub import resolve_checkpoint
 from ..model.model import LLaDA2Model
 from .collectives import check_device, require_group
 from .shard import parallelize
@@ -70,11 +70,13 @@ def load_sharded(path: Union[str, Path], *, group: Optional[dist.ProcessGroup] =
         return part
 
     try:
-        dtypes = {}
-        for release, _, ours, _ in entries:     # every rank checks every tensor's presence and shape
-            file_dtype = open_slice(release).get_dtype()
-            dtypes.setdefault(ours, dtype or _DTYPES.get(_safetensors_dtype_name(file_dtype), torch.float32))
-        _materialize(model, dtypes, device)
+        stored = {}
+        for release, _, _, _ in entries:        # every rank checks every tensor's presence, shape and dtype
+            stored[release] = open_slice(release).get_dtype()
+            if stored[release] not in _DTYPES:
+                raise ValueError(f"{files[release]}: tensor {release} is stored as {stored[release]}, expected a "
+                                 f"floating dtype ({', '.join(_DTYPES)})")
+        _materialize(model, _model_dtypes(model, entries, stored, dtype), device)
         params = dict(model.named_parameters())
         params.update(dict(model.named_buffers()))
         reads = list(_rank_reads(entries, plan, params))

@@ -1,4 +1,4 @@
-"""The training objectives on a packed batch (DESIGN.md §6). LLaDA2 predicts a token at its own position
+"""Training objectives on a packed batch (docs/ARCHITECTURE.md, Training). LLaDA2 predicts a token at its own position
 for the diffusion objectives; `ar` predicts token i + 1 from position i.
 
     ar    causal next-token cross-entropy (block_causal, block_size 1), per trained target

@@ -1,4 +1,4 @@
-"""Checkpoint merging: the element-wise mean of the weights of several checkpoints (DESIGN.md §6).
+"""Checkpoint merging: the element-wise mean of the weights of several checkpoints (docs/ARCHITECTURE.md, Training).
 
     top_k_by_valid_loss(run_dir, k) -> the k checkpoints of a run with the lowest validation loss
     merge_checkpoints(paths, out_dir) -> out_dir: config.json + safetensors (+ tokenizer.json) of the mean

@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from ..model import LLaDA2Config, load_model, load_tokenizer
+from ..model.config import RELEASE_MASK_ID
 from ..model.init import random_model
 from . import distributed
 from .checkpoint import (list_checkpoints, load_optimizer, load_rng, load_trainer_state, save_checkpoint)
@@ -84,8 +85,7 @@ class Trainer:
         self.module = self._initial_model() if self.resume_from is None else self._load(self.resume_from)
         self.module.train()
         mc = self.module.config
-        if mc.eos_token_id is None:
-            raise ValueError(f"{config.source}: the model config has no eos_token_id")
+        self._check_token_ids(config)
         self.mask_id, self.eos_id = mc.mask_token_id, mc.eos_token_id
         if self.tokenizer.get_vocab_size() > mc.vocab_size:
             raise ValueError(f"{self.tokenizer_file}: {self.tokenizer.get_vocab_size()} tokens do not fit the model's "
@@ -124,6 +124,20 @@ class Trainer:
             load_rng(self.resume_from)
             self.step = state["step"]
             self.train_data.load_state(state["data"])
+
+    def _check_token_ids(self, config) -> None:
+        """The MASK, EOS and padding ids the run feeds the model: each a token id inside the vocabulary (a
+        release's config.json has no mask_token_id), MASK not EOS; the error names the file and the key."""
+        mc = self.module.config
+        where = f"{config.model.init}/config.json" if config.model.init else "model.config"
+        checks = (("mask_token_id", "a MASK id the model can train with", " other than EOS",
+                   f" (LLaDA2.0 releases use {RELEASE_MASK_ID})"),
+                  ("eos_token_id", "an EOS id", "", ""), ("pad_token_id", "a padding id", "", ""))
+        for key, what, other, hint in checks:
+            value = getattr(mc, key)
+            if value is None or not 0 <= value < mc.vocab_size or (other and value == mc.eos_token_id):
+                raise ValueError(f"{config.source}: {key} {value} of {where} is not {what} (a token id in "
+                                 f"[0, {mc.vocab_size}){other}); set \"{key}\" there{hint}")
 
     def _initial_model(self):
         m, dtype = self.config.model, DTYPES[self.config.model.dtype]

@@ -12,6 +12,8 @@ import llada_engine
 from llada_engine.decoding import Engine, RequestError
 from model_testing import tiny_checkpoint
 
+pytestmark = pytest.mark.kernels
+
 Lb = 8
 
 

@@ -13,6 +13,8 @@ from llada_engine.decoding.paged_cache import PagedBatch, PagedKVCache
 from model_testing import tiny_checkpoint
 from official_llada2 import official_generate
 
+pytestmark = pytest.mark.kernels
+
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):

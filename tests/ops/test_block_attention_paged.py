@@ -10,6 +10,8 @@ import torch
 from llada_engine.ops import block_attention_decode, block_attention_decode_ref
 from op_testing import assert_close_to_reference
 
+pytestmark = pytest.mark.kernels
+
 PAGE_SIZES = [8, 16, 32, 64]
 CASES = [("cpu", torch.float32), ("cpu", torch.bfloat16),
          pytest.param("cuda", torch.bfloat16, marks=pytest.mark.gpu),

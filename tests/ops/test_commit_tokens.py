@@ -7,6 +7,8 @@ import torch
 from llada_engine.ops import commit_tokens, commit_tokens_, commit_tokens_ref
 from op_testing import DEVICES
 
+pytestmark = pytest.mark.kernels
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 

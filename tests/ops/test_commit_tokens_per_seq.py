@@ -10,6 +10,8 @@ from llada_engine.ops import commit_tokens, commit_tokens_, commit_tokens_ref
 from op_testing import DEVICES
 from ops.test_commit_tokens import assert_same, make_block
 
+pytestmark = pytest.mark.kernels
+
 NAMES = ("threshold", "temperature", "top_k", "top_p", "seed", "offset")
 
 

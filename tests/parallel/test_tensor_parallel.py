@@ -83,6 +83,7 @@ def check(result: dict, cfg: dict, world: int) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.kernels
 def test_two_ranks_match_one(tmp_path):
     ckpt, cfg, _ = tiny_checkpoint(tmp_path / "tiny")
     biased = eight_heads_with_biases(tmp_path / "biased")
@@ -92,6 +93,7 @@ def test_two_ranks_match_one(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.kernels
 def test_four_ranks_match_one(tmp_path):
     """2 KV heads over 4 ranks (each KV head on two ranks), and 4 KV heads split over 4."""
     ckpt, cfg, _ = tiny_checkpoint(tmp_path / "tiny")
@@ -102,6 +104,7 @@ def test_four_ranks_match_one(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.kernels
 def test_cli_under_torchrun(tmp_path, capsys):
     """torchrun -m llada_engine generate --parallel tp prints once what one process prints; bench too."""
     ckpt, _, _ = tiny_checkpoint(tmp_path / "tiny")
@@ -136,6 +139,7 @@ def group_of_one():
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.kernels
 def test_one_rank_is_the_model_and_nccl_needs_a_gpu(tmp_path, group_of_one, monkeypatch):
     ckpt, cfg, _ = tiny_checkpoint(tmp_path / "tiny")
     full, tp = llada_engine.load_model(ckpt), llada_engine.load_model(ckpt, parallel="tp")

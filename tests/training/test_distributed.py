@@ -11,6 +11,8 @@ from safetensors.torch import load_file
 from llada_engine.training import load_config, train
 from training_testing import run_config, small_checkpoint, text_corpus, write_config
 
+pytestmark = pytest.mark.kernels
+
 
 def records(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

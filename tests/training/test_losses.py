@@ -93,6 +93,7 @@ def test_mdlm_loss_equals_direct_computation(tiny):
     assert loss.item() == pytest.approx(direct_diffusion(sd, cfg, batch, 32, "elbo", bd3=False), rel=1e-4)
 
 
+@pytest.mark.kernels
 def test_ar_loss_equals_direct_computation(tiny):
     path, cfg, sd = tiny
     model = llada_engine.load_model(path)
@@ -109,6 +110,7 @@ def test_ar_loss_equals_direct_computation(tiny):
     assert loss.item() == pytest.approx(total / count, rel=1e-4)
 
 
+@pytest.mark.kernels
 def test_cap_is_the_mean_entropy_of_right_predictions(tiny):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(20, 11, generator=g) * 3
@@ -128,6 +130,7 @@ def test_cap_is_the_mean_entropy_of_right_predictions(tiny):
     assert with_cap.item() == pytest.approx(base.item() + 0.3 * want.item(), rel=1e-5)
 
 
+@pytest.mark.kernels
 def test_dpo_equals_its_formula_and_only_the_policy_gets_gradients(tmp_path, tiny):
     path, cfg, sd = tiny
     ref_path, _, ref_sd = small_checkpoint(tmp_path / "ref", seed=9)
@@ -159,6 +162,7 @@ def test_dpo_equals_its_formula_and_only_the_policy_gets_gradients(tmp_path, tin
     assert sum(p.grad.abs().sum().item() for p in policy.parameters() if p.grad is not None) > 0
 
 
+@pytest.mark.kernels
 def test_every_parameter_gets_the_reference_gradient(tiny):
     """The router included: the kernels backend trains what the pure-PyTorch reference trains."""
     path, _, _ = tiny

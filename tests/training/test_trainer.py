@@ -22,6 +22,8 @@ from model_testing import tiny_checkpoint
 from training_testing import (SMALL, dpo_corpus, run_config, sft_corpus, small_checkpoint, text_corpus,
                               write_config)
 
+pytestmark = pytest.mark.kernels
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

@@ -1,4 +1,4 @@
-// Varlen document-masked block attention (DESIGN.md §3.1): the torch-free interface of the
+// Varlen document-masked block attention (docs/ARCHITECTURE.md, Block attention): the torch-free interface of the
 // `block_attention` op family.
 //
 // Packed layout without padding: sequence s owns query rows cu_seqlens_q[s]..cu_seqlens_q[s+1] and key

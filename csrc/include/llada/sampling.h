@@ -1,4 +1,4 @@
-// Parallel token commit (DESIGN.md §3.3): the torch-free interface of the `commit_tokens` op family.
+// Parallel token commit (docs/ARCHITECTURE.md, Token commit): the torch-free interface of the `commit_tokens` ops.
 //
 // One call looks at the current block of every sequence in a batch: for each position it proposes a
 // token x0 from the logits (greedy, or sampled after temperature / top-k / top-p) with its
