@@ -10,6 +10,9 @@
     llada-engine serve [--model DIR] [--port 8000]    an OpenAI-compatible HTTP server on the continuous-batching
                                                engine (/v1/completions, /v1/chat/completions, /metrics)
 
+generate and bench take --parallel tp under torchrun (`torchrun --nproc_per_node N -m llada_engine generate
+--parallel tp ...`): the model tensor- and expert-parallel over the N processes, rank 0 printing.
+
 A bad invocation (an argument out of range, a missing or unreadable file, a checkpoint that does not load)
 ends with one line on stderr naming the argument or file, and exit status 1 (2 for what argparse refuses).
 """
@@ -103,7 +106,7 @@ def _generate(args: argparse.Namespace) -> int:
     decode_params(config, **settings)                 # bad settings fail before the weights are read
     texts = _read_prompts(args)
     tokenizer = llada_engine.load_tokenizer(folder)
-    model = llada_engine.load_model(folder, dtype=_dtype(args.dtype), device=args.device, backend=args.backend)
+    model, main = _load(args, folder)
     if args.chat:
         texts = [chat_prompt(t, folder) for t in texts]
     prompts = [tokenizer.encode(t).ids for t in texts]
@@ -114,12 +117,15 @@ def _generate(args: argparse.Namespace) -> int:
 
     def stream(index: int, tokens: list) -> None:
         produced[index] += tokens
-        if single:
+        if single and main:
             text = tokenizer.decode(produced[index], skip_special_tokens=True)
             print(text[len(shown[0]):], end="", flush=True)
             shown[0] = text
 
     out = llada_engine.generate(model, prompts, use_cache=not args.no_cache, stream=stream, **settings)
+    _stop(args)
+    if not main:
+        return 0
     if single:
         print()
     else:
@@ -128,6 +134,29 @@ def _generate(args: argparse.Namespace) -> int:
             print(tokenizer.decode(tokens, skip_special_tokens=True))
     print(f"[{out.stats}]", file=sys.stderr if args.quiet_stats else sys.stdout)
     return 0
+
+
+def _load(args: argparse.Namespace, folder: Path):
+    """The model in `folder` (this rank's part under --parallel tp, in the process group set up here) and
+    whether this process prints."""
+    import llada_engine
+
+    dtype = _dtype(args.dtype)
+    if args.parallel is None:
+        return llada_engine.load_model(folder, dtype=dtype, device=args.device, backend=args.backend), True
+    from llada_engine import parallel
+
+    device = parallel.start(args.device)
+    model = llada_engine.load_model(folder, dtype=dtype, device=device, backend=args.backend,
+                                    parallel=args.parallel)
+    return model, parallel.is_main()
+
+
+def _stop(args: argparse.Namespace) -> None:
+    if args.parallel is not None:
+        from llada_engine import parallel
+
+        parallel.stop()
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -169,17 +198,22 @@ def _bench(args: argparse.Namespace) -> int:
     settings = dict(block_length=args.block_length, steps=args.steps, threshold=args.threshold)
     params = decode_params(config, gen_length=args.gen_length, **settings)
     check_positions(args.prompt_length, params, config.max_position_embeddings, "--prompt-length")
-    model = llada_engine.load_model(folder, dtype=_dtype(args.dtype), device=args.device, backend=args.backend)
+    model, main = _load(args, folder)
     model.config.mask_token_id = config.mask_token_id
     rows = []
     for batch in args.batch:
         prompts = random_prompts(model.config, batch, args.prompt_length, seed=args.seed)
         rows.append(speed_row(model, prompts, gen_length=args.gen_length, uncached=not args.cached_only, **settings))
-        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()),
-              flush=True)
+        if main:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()),
+                  flush=True)
+    world = model.parallel.world if args.parallel else 1
+    _stop(args)
+    if not main:
+        return 0
     on_gpu = model.device.type == "cuda"
     device = torch.cuda.get_device_name(model.device) if on_gpu else f"cpu x{torch.get_num_threads()}"
-    print(json.dumps({"benchmark": "generate", "model": str(args.model), "device": device,
+    print(json.dumps({"benchmark": "generate", "model": str(args.model), "device": device, "ranks": world,
                       "dtype": str(model.dtype).replace("torch.", ""), "rows": rows}, sort_keys=True))
     return 0
 
@@ -195,6 +229,11 @@ def _non_negative_float(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
     return value
+
+
+def _parallel_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--parallel", choices=["tp"], default=None,
+                        help="tp: tensor- and expert-parallel over the processes of torchrun (rank 0 prints)")
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -233,6 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-cache", action="store_true", help="recompute the whole prefix at every step")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--quiet-stats", action="store_true", help="print the stats line to stderr")
+    _parallel_argument(gen)
     gen.set_defaults(run=_generate, parser=gen)
 
     from llada_engine.train import add_arguments
@@ -259,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--threshold", type=float, default=0.95)
     bench.add_argument("--cached-only", action="store_true", help="skip the uncached path (slow on long prompts)")
     bench.add_argument("--seed", type=int, default=0)
+    _parallel_argument(bench)
     bench.set_defaults(run=_bench, parser=bench)
 
     serve = commands.add_parser("serve", help="an OpenAI-compatible HTTP server (completions, chat, streaming)")

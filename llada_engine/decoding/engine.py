@@ -64,13 +64,16 @@ class _Sequence:
 
 
 def default_cache_tokens(model) -> int:
-    """CPU_CACHE_TOKENS on the CPU; on a GPU what fits in CUDA_CACHE_FRACTION of the free device memory."""
+    """CPU_CACHE_TOKENS on the CPU; on a GPU what fits in CUDA_CACHE_FRACTION of the free device memory (of
+    the rank with the least, for a tensor-parallel model)."""
     if model.device.type != "cuda":
         return CPU_CACHE_TOKENS
     cfg = model.config
     free, _ = torch.cuda.mem_get_info(model.device)
     per_token = PagedKVCache.bytes_per_token(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, model.dtype)
-    return int(free * CUDA_CACHE_FRACTION) // per_token
+    tokens = int(free * CUDA_CACHE_FRACTION) // per_token
+    parallel = getattr(model, "parallel", None)      # tensor-parallel ranks must schedule alike: one size
+    return tokens if parallel is None else parallel.least(tokens, model.device)
 
 
 def upload(parts: Sequence[torch.Tensor], dtype: torch.dtype, device: torch.device) -> list[torch.Tensor]:
