@@ -10,7 +10,7 @@
     checkpoint.py       atomic checkpoints in the release format plus optimizer / RNG / data position
     distributed.py      torchrun process groups, DDP, FSDP2
     merge.py            top-k checkpoint averaging
-    plot.py             the loss-curve PNG
+    plot.py             the loss curve (matplotlib)
 """
 from .config import RunConfig, load_config
 from .merge import merge_checkpoints, top_k_by_valid_loss

@@ -237,7 +237,8 @@ class Trainer:
         records = [json.loads(line) for line in (self.out / "metrics.jsonl").read_text().splitlines()]
         train = [(r["step"], r["loss"]) for r in records if "loss" in r]
         valid = [(r["step"], r["valid_loss"]) for r in records if "valid_loss" in r]
-        write_loss_png(self.out / "loss.png", train, valid, self.schedule.boundaries())
+        phases = [(first, phase.name) for first, phase in zip(self.schedule.boundaries(), self.schedule.phases)]
+        write_loss_png(self.out / "loss.png", train, valid, phases)
 
     def run(self) -> Path:
         total = self.schedule.total_steps
