@@ -4,7 +4,8 @@
     llada-engine generate [--model DIR] PROMPT block-diffusion generation, streamed, with a stats line last
                                                (without --model: the embedded default model)
     llada-engine train CONFIG [--resume]       a training run (llada_engine/training), see configs/
-    llada-engine merge --run RUN --top-k K --out DIR   the mean of a run's K best checkpoints by validation loss
+    llada-engine merge --run RUN --top-k K --out DIR   the mean of the K best checkpoints of a run's last phase
+                                               (or --phase NAME) by validation loss
     llada-engine bench [--model DIR] [--batch 1 8]    decoding speed on this machine, cached and uncached
                                                (random prompts; a table, then one JSON line)
 """
@@ -82,7 +83,7 @@ def _train(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from llada_engine.training import merge_checkpoints, top_k_by_valid_loss
 
-    paths = args.checkpoints if args.run_dir is None else top_k_by_valid_loss(args.run_dir, args.top_k)
+    paths = args.checkpoints if args.run_dir is None else top_k_by_valid_loss(args.run_dir, args.top_k, args.phase)
     if not paths:
         raise SystemExit("llada-engine merge: give --run RUN_DIR, or checkpoint folders")
     out = merge_checkpoints(paths, args.out)
@@ -161,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--run", dest="run_dir",
                        help="a run folder: merge its --top-k checkpoints with the lowest validation loss")
     merge.add_argument("--top-k", type=int, default=3)
+    merge.add_argument("--phase", help="choose among the checkpoints of this phase (default: the phase of the "
+                                       "run's latest checkpoint)")
     merge.add_argument("--out", required=True, help="output folder")
     merge.set_defaults(run=_merge)
 

@@ -183,6 +183,8 @@ def _phase(raw: Any, index: int, optim: OptimSpec, data: DataSpec, source: str) 
     if band is not None:
         if not isinstance(band, (list, tuple)) or len(band) != 2 or not 0.0 <= band[0] <= band[1] <= 1.0:
             _fail(source, f"{where}.mask_band", f"must be [lo, hi] with 0 <= lo <= hi <= 1, got {band!r}")
+        if max(phase.t_min, band[0]) > min(phase.t_max, band[1]):
+            _fail(source, f"{where}.mask_band", f"{band} does not meet [t_min, t_max] = [{phase.t_min}, {phase.t_max}]")
         phase.mask_band = (float(band[0]), float(band[1]))
     if phase.lr <= 0:
         _fail(source, f"{where}.lr", f"must be positive, got {phase.lr}")

@@ -113,6 +113,23 @@ def test_merge_top_k_is_the_mean(tmp_path, setup):
     llada_engine.load_model(tmp_path / "merged")
 
 
+def test_merge_top_k_chooses_within_one_phase(tmp_path, setup):
+    _, ckpt, corpus, valid = setup
+    phases = [{"name": "wide", "objective": "bdlm", "steps": 3, "block_size": 8},
+              {"name": "narrow", "objective": "bdlm", "steps": 2, "block_size": 4}]
+    config = run_config(tmp_path, init=ckpt, train=corpus, valid=valid, phases=phases, run={"save_every": 1})
+    train(load_config(write_config(tmp_path / "c.yaml", config)))
+    run = tmp_path / "run"
+    phase_of = {p: json.loads((p / "trainer_state.json").read_text())["phase"] for p in list_checkpoints(run)}
+    for args, phase in (([], "narrow"), (["--phase", "wide"], "wide")):
+        out = tmp_path / f"merged-{phase}"
+        assert cli_main(["merge", "--run", str(run), "--top-k", "5", "--out", str(out), *args]) == 0
+        merged = [Path(p) for p in json.loads((out / "merged_from.json").read_text())]
+        assert sorted(merged) == sorted(p for p, name in phase_of.items() if name == phase)
+    with pytest.raises(ValueError, match="no checkpoint of phase 'other'"):
+        cli_main(["merge", "--run", str(run), "--phase", "other", "--out", str(tmp_path / "x")])
+
+
 def test_sft_dpo_and_from_scratch_runs(tmp_path, setup):
     root, ckpt, corpus, _ = setup
     sft = run_config(tmp_path / "sft", init=ckpt, train=sft_corpus(tmp_path / "s.jsonl"),
