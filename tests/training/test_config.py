@@ -1,4 +1,5 @@
-"""Run configurations: the shipped WSD recipe changes block size at the right steps, the learning rate is
+"""Run configurations: the shipped WSD recipe changes block size at the right steps (up, then down through
+intermediate sizes), the learning rate is
 warmup-stable-decay, the tiny recipe configs parse, and bad configs name the file and the key."""
 from pathlib import Path
 
@@ -15,7 +16,8 @@ def test_wsd_recipe_changes_block_size_at_the_right_steps():
     config = load_config(CONFIGS / "wsd_conversion.yaml")
     schedule, full = config.schedule, config.data.row_length
     expected = [("bdlm", 1, 1000), ("bdlm", 4, 1000), ("bdlm", 32, 1000), ("bdlm", 64, 1000), ("bdlm", full, 1000),
-                ("mdlm", full, 10000), ("bdlm", 32, 5000)]
+                ("mdlm", full, 10000), ("bdlm", 1024, 1000), ("bdlm", 256, 1000), ("bdlm", 64, 1000),
+                ("bdlm", 32, 2000)]
     assert [(p.objective, p.block_size, p.steps) for p in schedule.phases] == expected
     start = 0
     for objective, block, steps in expected:
