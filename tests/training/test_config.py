@@ -49,7 +49,7 @@ def test_tiny_recipe_configs_parse(name):
     config = load_config(CONFIGS / "tiny" / name)
     assert config.data.row_length == 256 and config.schedule.total_steps > 0
     if name == "wsd_conversion.yaml":
-        assert [p.block_size for p in config.schedule.phases] == [1, 4, 32, 64, 256, 256, 32]
+        assert [p.block_size for p in config.schedule.phases] == [1, 4, 32, 64, 256, 256, 128, 64, 32]
 
 
 def test_overrides():
