@@ -54,9 +54,9 @@ def test_tiny_recipe_configs_parse(name):
 
 def test_overrides():
     config = load_config(CONFIGS / "wsd_conversion.yaml",
-                         parse_overrides(["run.out_dir=/tmp/x", "data.row_length=128", "optim.lr=1e-4"]))
-    assert config.run.out_dir == "/tmp/x" and config.data.row_length == 128
-    assert config.schedule.phases[-2].block_size == 128 and config.schedule.phases[0].lr == 1e-4
+                         parse_overrides(["run.out_dir=/tmp/x", "data.row_length=2048", "optim.lr=1e-4"]))
+    assert config.run.out_dir == "/tmp/x" and config.data.row_length == 2048
+    assert config.schedule.phases[5].block_size == 2048 and config.schedule.phases[0].lr == 1e-4
 
 
 def good():
