@@ -25,7 +25,7 @@ from ..model.init import random_model
 from . import distributed
 from .checkpoint import (list_checkpoints, load_optimizer, load_rng, load_trainer_state, save_checkpoint)
 from .config import RunConfig
-from .data import PackedData, read_examples
+from .data import PackedData, lcm, read_corpus
 from .embedding_noise import embedding_noise
 from .losses import collate, objective_loss
 from .noise import mask_row
@@ -91,13 +91,14 @@ class Trainer:
             raise ValueError(f"{self.tokenizer_file}: {self.tokenizer.get_vocab_size()} tokens do not fit the model's "
                              f"vocab_size {mc.vocab_size}")
         data = config.data
-        self.train_data = PackedData(read_examples(data.train, self.tokenizer, self.eos_id, data.row_length,
-                                                   data.split_long), data.row_length, mc.pad_token_id, config.run.seed)
-        self.valid_rows = []
-        if data.valid:
-            valid = PackedData(read_examples(data.valid, self.tokenizer, self.eos_id, data.row_length, data.split_long),
-                               data.row_length, mc.pad_token_id, shuffle=False)
-            self.valid_rows = valid.rows(0)[:data.valid_rows or None]
+        pad_multiple = lcm(p.block_size for p in self.schedule.phases)
+
+        def packed(path, **kw):
+            return PackedData(read_corpus(path, self.tokenizer), data.row_length, eos_id=self.eos_id,
+                              pad_id=mc.pad_token_id, split_long=data.split_long, pad_multiple=pad_multiple, **kw)
+
+        self.train_data = packed(data.train, seed=config.run.seed)
+        self.valid_rows = packed(data.valid, shuffle=False).epoch_rows(data.valid_rows) if data.valid else []
         for i, phase in enumerate(self.schedule.phases):
             if self.train_data.kind not in OBJECTIVE_DATA[phase.objective]:
                 raise ValueError(f"{config.source}: phases[{i}].objective {phase.objective!r} cannot train on "
