@@ -238,13 +238,12 @@ class Trainer:
                             rows)
         return one * (4 if phase.objective == "dpo" else 3)
 
-    def train_step(self, step: int) -> dict:
-        phase = self.schedule.phase_at(step)
-        lr = self.schedule.lr_at(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        start = time.perf_counter()
-        o, env = self.config.optim, self.env
+    def backward(self, step: int) -> dict:
+        """The forward and backward of step's global batch, micro-batch after micro-batch: the gradients are
+        left in the parameters' .grad (times the loss scale under float16); returns this process's sums to log
+        (loss, tokens, FLOPs, the objective's metrics), its expert loads [n, E], the fill rate, the number of
+        micro-batches and the largest activation memory of one."""
+        phase, o, env = self.schedule.phase_at(step), self.config.optim, self.env
         picked, fill = self.train_data.take(self.config.data.batch_rows, env.rank, env.world)
         noise_std = o.embedding_noise_std if step < o.embedding_noise_steps and phase.objective != "ar" else 0.0
         host = self._micro_batches(picked, phase, step, 0, noise_std=noise_std)
@@ -258,9 +257,9 @@ class Trainer:
             counts["right"] = self._count_right(batches, phase)
         counts = self._global(counts)
 
-        loads = torch.zeros(len(self.moe), self.moe[0][1].gate.expert_bias.numel(), dtype=torch.float64,
-                            device=env.device) if self.moe else None
-        sums, loss_sum, activation = {}, 0.0, 0
+        E = self.moe[0][1].gate.expert_bias.numel() if self.moe else 0
+        loads = torch.zeros(len(self.moe), E, dtype=torch.float64, device=env.device)
+        sums, activation = {"loss": 0.0}, 0
         for index, (batch, noise) in enumerate(batches):
             with distributed.gradient_sync(self.model, index == len(batches) - 1):
                 with self._noise(noise), self.meter:
@@ -276,9 +275,20 @@ class Trainer:
                 activation = max(activation, self.meter.bytes)
                 self.scaler.scale(loss * env.world).backward()
             clear_routing(self.moe)
-            loss_sum += loss.detach()
+            sums["loss"] = sums["loss"] + loss.detach()
             for name, value in terms.metrics.items():
                 sums[name] = sums.get(name, 0) + value
+        sums.update(tokens=float(sum(len(b.x0) for b, _ in batches)), flops=flops)
+        return {"sums": sums, "loads": loads, "fill": fill, "micro_batches": len(batches), "activation": activation}
+
+    def train_step(self, step: int) -> dict:
+        phase = self.schedule.phase_at(step)
+        lr = self.schedule.lr_at(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        start = time.perf_counter()
+        o, env = self.config.optim, self.env
+        done = self.backward(step)
         self.scaler.unscale_(self.optimizer)
         clip = o.grad_clip if o.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), clip)
@@ -286,15 +296,13 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
 
-        sums.update(loss=loss_sum, tokens=torch.tensor(float(sum(len(b.x0) for b, _ in batches))),
-                    flops=torch.tensor(flops))
-        totals = {k: float(v) for k, v in self._global(sums, torch.float64).items()}
+        totals = {k: float(v) for k, v in self._global(done["sums"], torch.float64).items()}
         record = {"step": step + 1, "phase": phase.name, "objective": phase.objective,
                   "block_size": phase.block_size, "lr": lr, "loss": totals["loss"], "grad_norm": float(grad_norm),
-                  "tokens": int(totals["tokens"]), "fill": fill, "micro_batches": len(batches),
-                  "activation_mib": activation / 2**20, **summarize(totals)}
+                  "tokens": int(totals["tokens"]), "fill": done["fill"], "micro_batches": done["micro_batches"],
+                  "activation_mib": done["activation"] / 2**20, **summarize(totals)}
         if self.moe:
-            loads = env.total(loads)
+            loads = env.total(done["loads"])
             if o.expert_bias_update_rate:
                 update_expert_bias(self.moe, loads, o.expert_bias_update_rate)
             record["expert_load"] = load_stats(self.moe, loads)
