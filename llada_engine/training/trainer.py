@@ -331,26 +331,34 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self, step: int) -> float:
-        """The mean over chunks of batch_rows validation rows of each chunk's loss (its counts over the chunk)."""
+        """The mean over chunks of batch_rows validation rows of each chunk's loss (its counts over the chunk).
+        Under FSDP every process makes as many forwards as the one with the most rows (each forward gathers
+        the parameters from all of them): a process short of rows makes spare forwards on the chunk's first
+        row and drops their terms (a process without a row takes from one the names of its zero counts)."""
         phase = self.schedule.phase_at(step)
         n, losses = self.config.data.batch_rows, []
         env = self.env
         for first in range(0, len(self.valid_rows), n):
             rows = self.valid_rows[first:first + n]
-            if len(rows) < env.world:
-                break
             picked = [(i, rows[i]) for i in range(env.rank, len(rows), env.world)]
+            batches = self._micro_batches(picked, phase, VALID_STREAM, first, t_fixed=self.config.run.valid_t)
+            forwards = -(-(-(-len(rows) // env.world)) // self.micro_rows) if self.sharded else len(batches)
+            spare = self._micro_batches([(0, rows[0])], phase, VALID_STREAM, first)[0][0]
             numerators, counts = {}, {}
-            for batch, _ in self._micro_batches(picked, phase, VALID_STREAM, first, t_fixed=self.config.run.valid_t):
-                batch = batch.to(env.device)
+            for index in range(max(forwards, 1)):
+                batch = (batches[index][0] if index < len(batches) else spare).to(env.device)
                 terms = objective_terms(self.module, batch, phase, self.reference)
+                if index >= len(batches):
+                    if not counts:
+                        counts = {name: 0.0 for name in dict(batch_counts(batch), **terms.counts)}
+                    continue
                 for c, num, name in terms.parts:
                     numerators[(c, name)] = numerators.get((c, name), 0) + num
                 for name, value in dict(batch_counts(batch), **terms.counts).items():
                     counts[name] = counts.get(name, 0) + value
             counts = self._global(counts)
             local = sum(c * num / counts[name].clamp(min=1.0) for (c, name), num in numerators.items())
-            losses.append(float(env.total(torch.as_tensor(local, device=env.device).float()).item()))
+            losses.append(float(env.total(torch.as_tensor(float(local), device=env.device).float()).item()))
         clear_routing(self.moe)
         return float(np.mean(losses)) if losses else float("nan")
 
