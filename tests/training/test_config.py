@@ -44,7 +44,7 @@ def test_learning_rate_is_warmup_stable_decay():
     assert all(a <= b for a, b in zip(lrs[:500], lrs[1:500])) and all(a >= b for a, b in zip(lrs[-2000:], lrs[-1999:]))
 
 
-@pytest.mark.parametrize("name", ["ar_pretrain.yaml", "wsd_conversion.yaml", "sft.yaml"])
+@pytest.mark.parametrize("name", ["ar_pretrain.yaml", "wsd_conversion.yaml", "sft.yaml", "dpo.yaml"])
 def test_tiny_recipe_configs_parse(name):
     config = load_config(CONFIGS / "tiny" / name)
     assert config.data.row_length == 256 and config.schedule.total_steps > 0

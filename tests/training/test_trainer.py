@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import llada_engine
 from llada_engine.cli import main as cli_main
 from llada_engine.training import load_config, train
+from llada_engine.training.config import config_from_dict
 from llada_engine.training.checkpoint import list_checkpoints
 from model_testing import tiny_checkpoint
 from training_testing import (SMALL, dpo_corpus, run_config, sft_corpus, small_checkpoint, text_corpus,
@@ -141,7 +143,9 @@ def test_sft_dpo_and_from_scratch_runs(tmp_path, setup):
     dpo = run_config(tmp_path / "dpo", init=ckpt, train=dpo_corpus(tmp_path / "d.jsonl"),
                      phases=[{"objective": "dpo", "steps": 3, "block_size": 8, "beta": 0.1}])
     train(load_config(write_config(tmp_path / "dpo.yaml", dpo)))
-    assert all(r["objective"] == "dpo" for r in metrics(tmp_path / "dpo" / "run"))
+    for r in metrics(tmp_path / "dpo" / "run"):
+        assert r["objective"] == "dpo" and 0.0 <= r["reward_accuracy"] <= 1.0 and r["pairs"] >= 4
+        assert r["reward_margin"] == pytest.approx(r["reward_chosen"] - r["reward_rejected"])
     scratch = run_config(tmp_path / "scratch", init=ckpt, train=corpus, phases=[{"objective": "ar", "steps": 2}])
     scratch["model"] = {"config": str(ckpt / "config.json"), "tokenizer": str(ckpt), "init_seed": 1}
     last = train(load_config(write_config(tmp_path / "scratch.yaml", scratch)))
@@ -149,6 +153,30 @@ def test_sft_dpo_and_from_scratch_runs(tmp_path, setup):
     follow = run_config(tmp_path / "follow", init=tmp_path / "scratch" / "run", train=corpus,
                         phases=[{"objective": "mdlm", "steps": 1}])
     train(load_config(write_config(tmp_path / "follow.yaml", follow)))
+
+
+def test_shipped_dpo_example_logs_its_rewards(tmp_path):
+    """configs/tiny/dpo.yaml on its preference files, from a small random model with the shipped tokenizer:
+    every pair fits a row, the first step is the reference itself (loss log 2, margin 0), rewards are logged."""
+    repo = Path(__file__).resolve().parents[2]
+    raw = yaml.safe_load((repo / "configs" / "tiny" / "dpo.yaml").read_text())
+    model = json.loads((repo / "configs" / "tiny" / "model.json").read_text())
+    model.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=16, moe_intermediate_size=32,
+                 num_experts=8)
+    raw["model"] = {"config": model, "tokenizer": str(repo / "data" / "tokenizer.json")}
+    for key in ("train", "valid"):
+        raw["data"][key] = str(repo / raw["data"][key])
+    raw["data"].update(batch_rows=2, valid_rows=2)
+    raw["optim"].update(lr=3e-3, warmup_steps=0, decay_steps=0)
+    raw["run"].update(out_dir=str(tmp_path / "run"), eval_every=0, save_every=0)
+    raw["phases"][0].update(steps=3)
+    train(config_from_dict(raw))
+    records = metrics(tmp_path / "run")
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 3 and all({"reward_accuracy", "reward_chosen", "reward_rejected", "reward_margin"} <= set(r)
+                                   for r in steps)
+    assert steps[0]["reward_margin"] == 0.0 and steps[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert steps[1]["reward_margin"] != 0.0 and "valid_loss" in records[-1]
 
 
 def test_mismatched_data_and_resume_without_checkpoint(tmp_path, setup):
