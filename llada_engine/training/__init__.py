@@ -1,4 +1,4 @@
-"""Training (DESIGN.md §6): the LLaDA2.0 recipe that turns an AR model into a block-diffusion model.
+"""Training (docs/ARCHITECTURE.md, Training): the LLaDA2.0 recipe that turns an AR model into a block-diffusion model.
 
     data.py             documents -> tokens -> fixed-length rows of varlen sequences, resumable order
     noise.py            per-sequence mask ratio, band and complementary masks

@@ -1,5 +1,5 @@
-"""The training objectives on a packed batch (DESIGN.md §6). LLaDA2 predicts a token at its own position
-for the diffusion objectives; `ar` predicts token i + 1 from position i.
+"""The training objectives on a packed batch (docs/ARCHITECTURE.md, Training). LLaDA2 predicts a token at its
+own position for the diffusion objectives; `ar` predicts token i + 1 from position i.
 
     ar    causal next-token cross-entropy (block_causal, block_size 1), per trained target
     bdlm  [x_t | x_0] of every sequence through the model under mask="bd3"; cross-entropy at the masked

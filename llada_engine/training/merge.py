@@ -1,4 +1,4 @@
-"""Checkpoint merging: the element-wise mean of the weights of several checkpoints (DESIGN.md §6).
+"""Checkpoint merging: the element-wise mean of the weights of several checkpoints (docs/ARCHITECTURE.md, Training).
 
     top_k_by_valid_loss(run_dir, k, phase=None) -> the k checkpoints of one phase of a run (the phase of its
                                                   latest checkpoint, or `phase` by name) with the lowest

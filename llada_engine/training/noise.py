@@ -1,4 +1,4 @@
-"""The forward (masking) process of the diffusion objectives, on one packed row (DESIGN.md §6).
+"""The forward (masking) process of the diffusion objectives, on one packed row (docs/ARCHITECTURE.md, Training).
 
     trainable(row) -> bool [L]: tokens that may be masked and trained (not a prompt, not padding)
     mask_row(row, generator, *, mask_id, t_min, t_max, band=None, complementary=False) -> list[Noisy]

@@ -1,4 +1,4 @@
-"""A training run as a list of phases, and its learning rate (DESIGN.md §6).
+"""A training run as a list of phases, and its learning rate (docs/ARCHITECTURE.md, Training).
 
 Each phase trains one objective at one block size for a number of steps at a peak learning rate; the
 phases run one after the other. Over the whole run the learning rate follows warmup-stable-decay (WSD):

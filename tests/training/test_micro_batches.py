@@ -25,8 +25,8 @@ def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("micro")
     ckpt, _, _ = small_checkpoint(root / "ckpt", seed=2)
     text = text_corpus(root / "train.txt", n=80)
-    warm = run_config(root / "warm", init=ckpt, train=text, phases=[{"objective": "bdlm", "steps": 15, "block_size": 4}],
-                      optim={"lr": 1e-2})                   # CAP needs some masked tokens predicted right
+    warm = run_config(root / "warm", init=ckpt, train=text, optim={"lr": 1e-2},   # CAP needs some right predictions
+                      phases=[{"objective": "bdlm", "steps": 15, "block_size": 4}])
     return root, train(config_from_dict(warm)), text, dpo_corpus(root / "dpo.jsonl", n=24)
 
 

@@ -44,8 +44,8 @@ def test_balancing_brings_a_tiny_moe_from_scratch_to_every_expert_in_use(tmp_pat
     last = tmp_path / "bias" / "run" / "checkpoints" / "step-0000080"
     saved = load_file(last / "model.safetensors")[BIAS]
     assert saved.dtype == torch.float32 and saved.abs().max() > 0
-    assert torch.equal(load_file(tmp_path / "frozen" / "run" / "checkpoints" / "step-0000080" / "model.safetensors")[BIAS],
-                       torch.zeros(16))
+    frozen = tmp_path / "frozen" / "run" / "checkpoints" / "step-0000080" / "model.safetensors"
+    assert torch.equal(load_file(frozen)[BIAS], torch.zeros(16))
     model = llada_engine.load_model(last)
     assert torch.equal(model.model.layers[1].mlp.gate.expert_bias, saved)
     follow = run_config(tmp_path / "follow", init=last, train=corpus, phases=[{"objective": "ar", "steps": 1}])
