@@ -1,6 +1,7 @@
 """torchrun --nproc_per_node 2 (gloo, CPU) gives the losses, the expert loads and the weights of one process
 with the same global batch (masks and MASK-embedding noise included): DDP in fp32 with micro-batches (no
-gradient reduction before the last), the expert-bias update and the balance loss; FSDP2 with bf16-mixed
+gradient reduction before the last), the expert-bias update and the balance loss, reading the training text
+as memory-mapped token shards made by prepare-data (each process its own rows); FSDP2 with bf16-mixed
 precision (MixedPrecisionPolicy, fp32 reduction) and activation checkpointing against one bf16-mixed
 process, to bf16 rounding."""
 import json
@@ -13,6 +14,7 @@ from safetensors.torch import load_file
 
 from llada_engine.training import load_config, train
 from llada_engine.training.checkpoint import load_weights
+from llada_engine.training.prepare_data import prepare_data
 from training_testing import run_config, small_checkpoint, text_corpus, write_config
 
 
@@ -52,7 +54,9 @@ def test_two_processes_match_one(tmp_path):
         train(load_config(write_config(tmp_path / f"one-{name}.yaml", run_config(tmp_path / f"one-{name}", **base,
                                                                                  **runs))))
     final = "checkpoints/step-0000006/model.safetensors"
-    ddp = write_config(tmp_path / "ddp.yaml", run_config(tmp_path / "ddp", **base))
+    shards = tmp_path / "shards"
+    prepare_data(corpus, shards, ckpt, shard_tokens=500)
+    ddp = write_config(tmp_path / "ddp.yaml", run_config(tmp_path / "ddp", **dict(base, train=shards)))
     torchrun(ddp, "run.parallel=ddp", "data.micro_batch_rows=1")
     compare(records(tmp_path / "one-fp32" / "run"), records(tmp_path / "ddp" / "run"), 1e-5)
     want = load_file(tmp_path / "one-fp32" / "run" / final)

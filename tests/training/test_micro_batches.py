@@ -70,3 +70,41 @@ def test_micro_batched_and_checkpointed_steps_equal_the_plain_step(tmp_path, set
 def test_micro_batch_rows_must_divide_each_process_share(tmp_path, setup):
     with pytest.raises(ValueError, match=r"data.micro_batch_rows 3 does not divide the 4 rows"):
         one_step(tmp_path, setup, "ar", data={"micro_batch_rows": 3})
+
+
+def test_no_gradient_reduction_before_the_last_micro_batch(tmp_path):
+    """gradient_sync on a one-process gloo group: DDP reduces (its comm hook runs) only in the last backward;
+    FSDP2 leaves the sharded gradients unset until the last backward reduces them."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel
+
+    from llada_engine.training.distributed import gradient_sync
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        reductions = []
+
+        def hook(state, bucket):
+            reductions.append(bucket.index())
+            future = torch.futures.Future()
+            future.set_result(bucket.buffer())
+            return future
+
+        inputs = [torch.randn(3, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+        ddp = DistributedDataParallel(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1)))
+        ddp.register_comm_hook(None, hook)
+        for i, x in enumerate(inputs):
+            with gradient_sync(ddp, i == len(inputs) - 1):
+                ddp(x).sum().backward()
+            assert bool(reductions) == (i == len(inputs) - 1), (i, reductions)
+
+        fsdp = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 1))
+        fully_shard(fsdp[0])
+        fully_shard(fsdp)
+        for i, x in enumerate(inputs):
+            with gradient_sync(fsdp, i == len(inputs) - 1):
+                fsdp(x).sum().backward()
+            assert all((p.grad is not None) == (i == len(inputs) - 1) for p in fsdp.parameters()), i
+    finally:
+        dist.destroy_process_group()
