@@ -4,7 +4,10 @@
     llada-engine generate [--model DIR|HUB_ID] PROMPT   block-diffusion generation, streamed, with a stats
                                                line last (without --model: the embedded default model)
     llada-engine train CONFIG [--resume]       a training run (llada_engine/training), see configs/
-    llada-engine merge --run RUN --top-k K --out DIR   the mean of a run's K best checkpoints by validation loss
+    llada-engine prepare-data IN OUT --tokenizer T    documents (.txt / .jsonl / a Hugging Face dataset) tokenized
+                                               once into memory-mapped token shards for training
+    llada-engine merge --run RUN --top-k K --out DIR   the mean of the K best checkpoints of a run's last phase
+                                               (or --phase NAME) by validation loss
     llada-engine bench [--model DIR] [--batch 1 8]    decoding speed on this machine, cached and uncached
                                                (random prompts; a table, then one JSON line)
     llada-engine serve [--model DIR] [--port 8000]    an OpenAI-compatible HTTP server on the continuous-batching
@@ -165,10 +168,20 @@ def _train(args: argparse.Namespace) -> int:
     return train.run(args)
 
 
+def _prepare_data(args: argparse.Namespace) -> int:
+    from llada_engine.training.prepare_data import prepare_data
+
+    index = prepare_data(args.source, args.out, args.tokenizer, shard_tokens=args.shard_tokens, split=args.split,
+                         progress=not args.quiet)
+    print(f"{args.out}: {index['documents']} {index['kind']} documents, {index['tokens']} tokens in "
+          f"{len(index['shards'])} shards of {index['dtype']} (longest sequence {index['longest_sequence']} tokens)")
+    return 0
+
+
 def _merge(args: argparse.Namespace) -> int:
     from llada_engine.training import merge_checkpoints, top_k_by_valid_loss
 
-    paths = args.checkpoints if args.run_dir is None else top_k_by_valid_loss(args.run_dir, args.top_k)
+    paths = args.checkpoints if args.run_dir is None else top_k_by_valid_loss(args.run_dir, args.top_k, args.phase)
     if not paths:
         raise ValueError("give --run RUN_DIR, or checkpoint folders")
     out = merge_checkpoints(paths, args.out)
@@ -281,11 +294,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(train)
     train.set_defaults(run=_train, parser=train)
 
+    prep = commands.add_parser("prepare-data", help="tokenize documents once into memory-mapped token shards")
+    prep.add_argument("source", metavar="IN", help="a .txt / .jsonl file, a folder of them, or a Hugging Face "
+                                                   "dataset (a save_to_disk folder or a Hub name; needs `datasets`)")
+    prep.add_argument("out", metavar="OUT", help="the new folder of token shards (data.train / data.valid)")
+    prep.add_argument("--tokenizer", required=True, help="a tokenizer.json, or a checkpoint folder with one")
+    prep.add_argument("--shard-tokens", type=_positive_int, default=2**28, help="tokens per shard at most")
+    prep.add_argument("--split", help="the split of a Hugging Face dataset (default: train)")
+    prep.add_argument("--quiet", action="store_true", help="no progress bar")
+    prep.set_defaults(run=_prepare_data, parser=prep)
+
     merge = commands.add_parser("merge", help="average checkpoints (a run's top-k by validation loss)")
     merge.add_argument("checkpoints", nargs="*", help="checkpoint folders to average (instead of --run)")
     merge.add_argument("--run", dest="run_dir",
                        help="a run folder: merge its --top-k checkpoints with the lowest validation loss")
     merge.add_argument("--top-k", type=_positive_int, default=3)
+    merge.add_argument("--phase", help="choose among the checkpoints of this phase (default: the phase of the "
+                                       "run's latest checkpoint)")
     merge.add_argument("--out", required=True, help="output folder")
     merge.set_defaults(run=_merge, parser=merge)
 
