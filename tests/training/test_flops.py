@@ -43,6 +43,7 @@ def test_forward_flops_are_the_matrix_products_of_a_forward(mask):
     assert forward_flops(config, lengths, block, mask, len(logits_at)) == products + attention
 
 
+@pytest.mark.kernels
 def test_mfu_is_the_flop_rate_over_the_stated_peak(tmp_path):
     ckpt, _, _ = small_checkpoint(tmp_path / "init")
     corpus = text_corpus(tmp_path / "train.txt")
