@@ -1,5 +1,5 @@
 """MoE load balancing during training, as LLaDA2.0's MoE models are trained (DeepSeek-V3's auxiliary-loss-free
-balancing, §2.1.2, and its sequence-wise balance loss), and the expert-load statistics.
+balancing and its sequence-wise balance loss), and the expert-load statistics.
 
     layers = moe_layers(model)                 [(layer index, MoE)], routing kept by each forward
     counts = routed_counts(layers)             float [n, E]: routed slots per expert in the last forward

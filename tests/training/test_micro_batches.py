@@ -11,6 +11,8 @@ from llada_engine.training.config import config_from_dict
 from llada_engine.training.trainer import Trainer
 from training_testing import dpo_corpus, run_config, small_checkpoint, text_corpus
 
+pytestmark = pytest.mark.kernels
+
 PHASES = {
     "bdlm": {"objective": "bdlm", "steps": 1, "block_size": 4, "complementary": True, "mask_band": [0.2, 0.8],
              "cap_lambda": 0.5},

@@ -16,6 +16,8 @@ from llada_engine.training.trainer import Trainer
 from llada_engine.training.config import config_from_dict
 from training_testing import run_config, small_checkpoint, text_corpus, write_config
 
+pytestmark = pytest.mark.kernels
+
 BIAS = "model.layers.1.mlp.gate.expert_bias"
 
 

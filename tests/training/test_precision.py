@@ -15,6 +15,8 @@ from llada_engine.training import train
 from llada_engine.training.config import config_from_dict
 from training_testing import run_config, small_checkpoint, text_corpus
 
+pytestmark = pytest.mark.kernels
+
 MODES = {"fp32": {}, "bf16-mixed": {"dtype": "bfloat16"},
          "pure-bf16": {"dtype": "bfloat16", "pure_low_precision": True}}
 
