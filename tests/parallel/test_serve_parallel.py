@@ -3,7 +3,7 @@ concurrent requests (greedy and sampled, streamed and not, one whose client leav
 one process's `generate` gives; SIGTERM to torchrun stops both ranks cleanly (rank 1 ends its loop because rank
 0's engine stopped, not by a kill) in bounded time.
 
-The server runs in its own process group, killed whatever happens; every HTTP call has a timeout.
+torchrun is stopped whatever happens (and stops its workers); every HTTP call has a timeout.
 """
 import contextlib
 import os
@@ -102,7 +102,18 @@ def test_serve_under_torchrun_equals_one_process(tmp_path):
         text = server_log()
         assert "llada-engine serve: stopped" in text and "llada-engine serve: rank 1 stopped" in text, text
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        stop(proc)
         log.close()
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Ends torchrun and its workers whatever state they are in. Its workers are not in its process group: it
+    must end them itself (SIGTERM, then SIGKILL after 30 s), so it is killed only if it does not."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
