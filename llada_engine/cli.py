@@ -13,8 +13,9 @@
     llada-engine serve [--model DIR] [--port 8000]    an OpenAI-compatible HTTP server on the continuous-batching
                                                engine (/v1/completions, /v1/chat/completions, /metrics)
 
-generate and bench take --parallel tp under torchrun (`torchrun --nproc_per_node N -m llada_engine generate
---parallel tp ...`): the model tensor- and expert-parallel over the N processes, rank 0 printing.
+generate, bench and serve take --parallel tp under torchrun (`torchrun --nproc_per_node N -m llada_engine generate
+--parallel tp ...`): the model tensor- and expert-parallel over the N processes, rank 0 printing (and, for serve,
+alone listening).
 
 A bad invocation (an argument out of range, a missing or unreadable file, a checkpoint that does not load)
 ends with one line on stderr naming the argument or file, and exit status 1 (2 for what argparse refuses).
@@ -246,7 +247,8 @@ def _non_negative_float(text: str) -> float:
 
 def _parallel_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--parallel", choices=["tp"], default=None,
-                        help="tp: tensor- and expert-parallel over the processes of torchrun (rank 0 prints)")
+                        help="tp: tensor- and expert-parallel over the processes of torchrun (rank 0 prints; serve: "
+                             "rank 0 listens)")
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -342,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--shutdown-timeout", type=_non_negative_float, default=10.0,
                        help="on SIGINT/SIGTERM, seconds running requests get to finish before they are cancelled")
     serve.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default="info")
+    _parallel_argument(serve)
     serve.set_defaults(run=_serve, parser=serve)
     return parser
 

@@ -7,6 +7,12 @@ KV cache, each decoded exactly as `generate` decodes it alone.
     engine.step() -> int           # admit waiting requests, one denoising step for all running; running count
     engine.run_until_idle()
     engine.start(); engine.stop()  # the same loop in a background thread, for servers
+    engine.follow()                # a tensor-parallel rank other than 0: rank 0's steps, until it stops
+
+A step begins with what changed in the queue since the last one (requests submitted, requests cancelled),
+taken at once under the engine's lock, so that a step never sees half a change. With `lockstep` (a
+tensor-parallel model's Lockstep, llada_engine/parallel/lockstep.py) rank 0 sends those changes to the other
+ranks, whose engines apply the same ones and so admit, step and free exactly as rank 0's does.
 
 A step: admit waiting requests in order while a slot and every page they can ever need are free (their
 prompt's whole blocks are prefilled into fresh pages by one packed forward), then one forward of the current
@@ -39,6 +45,15 @@ from .validation import DecodeParams, check_positions, check_prompts, decode_par
 
 CPU_CACHE_TOKENS = 1 << 16      # default cache size on the CPU, in tokens
 CUDA_CACHE_FRACTION = 0.8       # default cache size on a GPU: this fraction of the free device memory
+
+
+@dataclasses.dataclass
+class QueueChanges:
+    """What a step starts from: requests submitted since the last step (in order), the ids of requests
+    cancelled, and whether the engine stops (a follower's only way to learn that rank 0 has stopped)."""
+    submitted: list[Request]
+    cancelled: set[int]
+    stop: bool = False
 
 
 @dataclasses.dataclass
@@ -121,7 +136,7 @@ def batch_bucket(batch: int, max_running: int) -> int:
 
 class Engine:
     def __init__(self, model, *, max_running: int = 16, cache_tokens: Optional[int] = None, block_length: int = 32,
-                 compile: bool = False):
+                 compile: bool = False, lockstep=None):
         for name, value in (("max_running", max_running), ("block_length", block_length)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"Engine: {name} must be a positive int, got {value!r}")
@@ -144,7 +159,9 @@ class Engine:
         self._compiled = compile
         self._forward = _compile_forward(model, self.cache) if compile else model.forward_paged
         self._ids = itertools.count()
+        self._inbox: list[Request] = []                  # submitted, not yet seen by a step (under _lock)
         self._waiting: collections.deque[Request] = collections.deque()
+        self._lockstep = lockstep
         self._running: list[_Sequence] = []
         self._free_slots = list(range(max_running - 1, -1, -1))
         self._lock = threading.Lock()
@@ -180,7 +197,7 @@ class Engine:
         with self._lock:
             if self._stopping:
                 raise RuntimeError("Engine: stopped, no new requests")
-            self._waiting.append(request)
+            self._inbox.append(request)
             self._wake.notify()
         return request
 
@@ -194,15 +211,17 @@ class Engine:
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        return len(self._waiting) + len(self._inbox)
 
     def run_until_idle(self) -> None:
         """Steps until no request is running or waiting."""
-        while self.step() or self._waiting:
+        while self.step() or self.waiting:
             pass
 
     def start(self) -> None:
         """Runs the loop in a background thread until stop()."""
+        if self._lockstep is not None and not self._lockstep.leads:
+            raise RuntimeError("Engine: a rank other than 0 follows rank 0's loop: call follow(), not start()")
         if self._thread is not None:
             raise RuntimeError("Engine: already started")
         self._stopping = False
@@ -217,33 +236,56 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+            if self._lockstep is not None:
+                self._lockstep.exchange(QueueChanges([], set(), stop=True))
+        self._cancel_all()
+
+    def follow(self) -> None:
+        """A follower rank's loop (see the module doc): rank 0's steps until rank 0 stops, then everything
+        still here ends as cancelled."""
+        if self._lockstep is None or self._lockstep.leads:
+            raise RuntimeError("Engine: follow() is for the ranks other than 0 of an engine with a lockstep")
+        while not self._stopping:
+            self._step_safely()
+        self._cancel_all()
+
+    def _cancel_all(self) -> None:
         for s in list(self._running):
             self._end(s, "cancelled")
         with self._lock:
-            waiting, self._waiting = list(self._waiting), collections.deque()
+            waiting, self._waiting = list(self._waiting) + self._inbox, collections.deque()
+            self._inbox = []
         for request in waiting:
             request._finish("cancelled")
 
     def _loop(self) -> None:
+        # In lockstep an idle rank 0 still steps every HEARTBEAT_S: the followers wait in a collective, which
+        # would otherwise time out.
+        idle_wait = None if self._lockstep is None else self._lockstep.heartbeat_s
         while True:
             with self._lock:
-                while not self._stopping and not self._waiting and not self._running:
-                    self._wake.wait()
+                if not self._stopping and not self._inbox and not self._waiting and not self._running:
+                    self._wake.wait(idle_wait)
                 if self._stopping:
                     return
-            try:
-                self.step()
-            except Exception as error:  # a failed step fails the requests in it, never the loop
-                for s in list(self._running):
-                    self._end(s, "error", error)
+            self._step_safely()
+
+    def _step_safely(self) -> None:
+        try:
+            self.step()
+        except Exception as error:  # a failed step fails the requests in it, never the loop
+            for s in list(self._running):
+                self._end(s, "error", error)
 
     # ---- one step ---------------------------------------------------------------------------------------
 
     def step(self) -> int:
         """Admits waiting requests, then one denoising step of every running one; returns how many run."""
         with torch.no_grad():
-            for s in [s for s in self._running if s.request.cancelled]:
-                self._end(s, "cancelled")
+            changes = self._changes()
+            if self._lockstep is not None:
+                changes = self._lockstep.exchange(changes)
+            self._apply(changes)
             admitted = self._admit()
             if admitted:
                 self._prefill(admitted)
@@ -251,26 +293,43 @@ class Engine:
                 self._denoise()
         return len(self._running)
 
+    def _changes(self) -> QueueChanges:
+        """The queue's changes since the last step, taken under the lock (see the module doc)."""
+        with self._lock:
+            submitted, self._inbox = self._inbox, []
+            cancelled = {r.id for r in itertools.chain((s.request for s in self._running), self._waiting, submitted)
+                         if r.cancelled}
+            return QueueChanges(submitted, cancelled)
+
+    def _apply(self, changes: QueueChanges) -> None:
+        """The step's queue: the new requests join the waiting ones, the cancelled ones leave (freeing their
+        pages); on a follower, a stop from rank 0 ends its loop after this step."""
+        self._waiting.extend(changes.submitted)
+        if changes.cancelled:
+            for s in [s for s in self._running if s.request.id in changes.cancelled]:
+                self._end(s, "cancelled")
+            for request in [r for r in self._waiting if r.id in changes.cancelled]:
+                self._waiting.remove(request)
+                request._finish("cancelled")
+        if changes.stop and self._lockstep is not None and not self._lockstep.leads:
+            self._stopping = True
+
     def _admit(self) -> list[_Sequence]:
         Lb = self.block_length
         admitted = []
-        with self._lock:
-            while self._waiting and self._free_slots:
-                request = self._waiting[0]
-                if request.cancelled:
-                    self._waiting.popleft()._finish("cancelled")
-                    continue
-                params, P = request.params, len(request.prompt)
-                pages = self.pages_needed(P, params.gen_length)
-                if pages > self.cache.free_pages:
-                    break
-                self._waiting.popleft()
-                slot = self._free_slots.pop()
-                self.cache.allocate(slot, pages)
-                num_blocks = -(-(P + params.gen_length) // Lb)
-                x = request.prompt + [params.mask_id] * (num_blocks * Lb - P)
-                admitted.append(_Sequence(request, slot, x, num_blocks, P // Lb,
-                                          min_commit_schedule(Lb, params.steps)))
+        while self._waiting and self._free_slots:
+            request = self._waiting[0]
+            params, P = request.params, len(request.prompt)
+            pages = self.pages_needed(P, params.gen_length)
+            if pages > self.cache.free_pages:
+                break
+            self._waiting.popleft()
+            slot = self._free_slots.pop()
+            self.cache.allocate(slot, pages)
+            num_blocks = -(-(P + params.gen_length) // Lb)
+            x = request.prompt + [params.mask_id] * (num_blocks * Lb - P)
+            admitted.append(_Sequence(request, slot, x, num_blocks, P // Lb,
+                                      min_commit_schedule(Lb, params.steps)))
         self._running += admitted
         return admitted
 

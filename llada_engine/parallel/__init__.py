@@ -10,14 +10,16 @@
     collectives.py  all-reduce and all-gather over the group
     loading.py      load_sharded: a checkpoint read slice by slice into the sharded model
     launch.py       the process group for the CLI and the benchmarks under torchrun
+    lockstep.py     Lockstep: rank 0's engine steps mirrored on the other ranks (serve --parallel tp)
 """
 from .collectives import require_group
 from .launch import is_main, start, stop
 from .loading import load_sharded
+from .lockstep import Lockstep
 from .plan import Shard, check_divisible, shard_plan
 from .shard import TensorParallel, TensorParallelModel, parallelize, parameter_bytes
 
 PARALLEL = ("tp",)
 
-__all__ = ["PARALLEL", "Shard", "TensorParallel", "TensorParallelModel", "check_divisible", "is_main",
+__all__ = ["PARALLEL", "Shard", "TensorParallel", "TensorParallelModel", "Lockstep", "check_divisible", "is_main",
            "load_sharded", "parallelize", "parameter_bytes", "require_group", "shard_plan", "start", "stop"]

@@ -5,6 +5,10 @@ Once it listens it prints `llada-engine serve: MODEL on http://HOST:PORT` on std
 --port 0). The first SIGINT or SIGTERM stops accepting connections and gives the running requests up to
 --shutdown-timeout seconds to finish; those still running then are cancelled (their streams end), the engine's
 loop stops (cancelling anything still queued) and the command returns 0. A second SIGINT quits at once.
+
+Under torchrun with --parallel tp every rank loads its part of the model and builds the same engine; only rank 0
+listens. Its engine's steps are mirrored on the other ranks (llada_engine/parallel/lockstep.py), which ignore
+SIGINT and SIGTERM (torchrun passes them on to every rank) and end when rank 0's engine stops.
 """
 import argparse
 import os
@@ -33,15 +37,33 @@ class _Server(uvicorn.Server):
 
 def serve(args: argparse.Namespace) -> int:
     import llada_engine
-    from llada_engine.cli import _checkpoint, _dtype
-
-    from .app import create_app
+    from llada_engine.cli import _checkpoint, _load, _stop
 
     folder, _ = _checkpoint(args)
-    model = llada_engine.load_model(folder, dtype=_dtype(args.dtype), device=args.device, backend=args.backend)
-    tokenizer = llada_engine.load_tokenizer(folder)
-    engine = llada_engine.Engine(model, max_running=args.max_running, cache_tokens=args.cache_tokens,
-                                 block_length=args.block_length, compile=args.compile)
+    tokenizer = llada_engine.load_tokenizer(folder)       # on every rank: a missing tokenizer stops them all
+    model, main = _load(args, folder)
+    try:
+        lockstep = None
+        if args.parallel is not None:
+            from llada_engine.parallel import Lockstep
+
+            lockstep = Lockstep(model.parallel.group)
+        engine = llada_engine.Engine(model, max_running=args.max_running, cache_tokens=args.cache_tokens,
+                                     block_length=args.block_length, compile=args.compile, lockstep=lockstep)
+        if not main:
+            for sig in HANDLED_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
+            engine.follow()
+            print(f"llada-engine serve: rank {model.parallel.rank} stopped", file=sys.stderr, flush=True)
+            return 0
+        return _listen(args, folder, engine, tokenizer)
+    finally:
+        _stop(args)
+
+
+def _listen(args: argparse.Namespace, folder, engine, tokenizer) -> int:
+    from .app import create_app
+
     model_name = args.served_model_name or str(args.model)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     app = create_app(engine, tokenizer, model_name=model_name, chat_checkpoint=folder,
