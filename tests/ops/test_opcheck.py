@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from op_testing import DEVICES, registered_llada_ops
-from ops import test_block_attention, test_commit_tokens, test_moe
+from ops import test_block_attention, test_commit_tokens, test_linear, test_moe
 
-FAMILIES = [test_commit_tokens, test_moe, test_block_attention]
+FAMILIES = [test_commit_tokens, test_linear, test_moe, test_block_attention]
 
 
 def all_samples(device):
