@@ -93,10 +93,12 @@ def _unreadable(file: Path, error: Exception) -> ValueError:
 
 
 def load_model(path: Union[str, Path], *, dtype: Optional[torch.dtype] = None, device=None,
-               backend: str = "kernels", progress: Optional[bool] = None) -> LLaDA2Model:
+               backend: str = "kernels", progress: Optional[bool] = None,
+               batch_invariant: bool = True) -> LLaDA2Model:
     """Loads an official LLaDA2.0 checkpoint (or one saved by save_pretrained) from the folder `path`;
     "default" loads the embedded default model. `progress` shows a progress bar on stderr (None: for
-    checkpoints of 1 GB and more)."""
+    checkpoints of 1 GB and more). batch_invariant=False trades the same-result-in-any-batch numerics
+    for speed (LLaDA2Model)."""
     path = resolve_checkpoint(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint folder")
@@ -104,7 +106,7 @@ def load_model(path: Union[str, Path], *, dtype: Optional[torch.dtype] = None, d
     files = _weight_files(path)
     device = torch.device(device or "cpu")
     with torch.device("meta"):
-        model = LLaDA2Model(config, backend=backend)
+        model = LLaDA2Model(config, backend=backend, batch_invariant=batch_invariant)
 
     plan = list(release_tensors(model))
     handles = {}
