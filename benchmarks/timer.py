@@ -4,6 +4,7 @@
     peak_bandwidth(device)                # bytes/s of a large copy, measured now
     peak_flops(device, dtype)             # FLOP/s of a large matmul, measured now
     print_table(rows); print_json(record) # human table, then one JSON line (always last)
+    cpu_model()                           # the CPU's model name (Linux /proc/cpuinfo), for the record
 """
 import json
 import statistics
@@ -57,6 +58,19 @@ def peak_flops(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int =
     b = torch.randn(n, n, device=device).to(dtype)
     seconds = time_fn(lambda: a @ b, device=device, warmup=2, repeats=5)
     return 2 * n**3 / seconds
+
+
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it, or the platform's processor string."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or "unknown"
 
 
 def print_table(rows: list[dict]) -> None:

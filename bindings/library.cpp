@@ -42,7 +42,10 @@ TORCH_LIBRARY(llada, m) {
       "moe_unpermute_backward(Tensor grad_out, Tensor y, Tensor inverse, Tensor topk_weights) "
       "-> (Tensor grad_y, Tensor grad_topk_weights)");
   // out[rows of g] = a[rows of g] @ b[g]^T, rows of g = offsets[g]:offsets[g + 1]; b [E, N, K].
-  m.def("moe_grouped_gemm(Tensor a, Tensor b, Tensor offsets) -> Tensor");
+  // batch_invariant: every row's result independent of the other rows and of their number.
+  m.def("moe_grouped_gemm(Tensor a, Tensor b, Tensor offsets, *, bool batch_invariant=True) -> Tensor");
+  // out = x @ weight^T (x [M, K], weight [N, K]): each row's result independent of the other rows and of M.
+  m.def("linear(Tensor x, Tensor weight) -> Tensor");
   // Weight gradient of moe_grouped_gemm: grad_b[g] = grad_out[rows of g]^T @ a[rows of g], [E, N, K].
   m.def("moe_grouped_gemm_wgrad(Tensor grad_out, Tensor a, Tensor offsets) -> Tensor");
   // Block attention over packed varlen documents (docs/ARCHITECTURE.md, Block attention), mask "block_causal" or "bd3":

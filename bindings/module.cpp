@@ -2,6 +2,7 @@
 // and the family files); the module itself carries what the binary was built with.
 #include <pybind11/pybind11.h>
 
+#include "llada/moe.h"
 #include "llada_build_info.h"
 
 namespace py = pybind11;
@@ -16,6 +17,14 @@ PYBIND11_MODULE(_C, m) {
     info["cuda_archs"] = LLADA_BUILD_CUDA_ARCHS;
     info["cuda_version"] = LLADA_BUILD_CUDA_VERSION;
     info["cutlass_version"] = LLADA_BUILD_CUTLASS_VERSION;
+    // The batch-invariant CPU GEMM's path on this machine, under the LLADA_CPU_ISA cap now set.
+    py::dict gemm;
+    const llada::CpuIsa isa = llada::cpu_isa_from_env();
+    gemm["float32"] = llada::batch_invariant_gemm_cpu_path(llada::DType::kFloat32, isa);
+    gemm["bfloat16"] = llada::batch_invariant_gemm_cpu_path(llada::DType::kBFloat16, isa);
+    gemm["float16"] = llada::batch_invariant_gemm_cpu_path(llada::DType::kFloat16, isa);
+    info["cpu_gemm_path"] = gemm;
     return info;
-  }, "What this binary was built with: versions, CUDA kernels and archs, CUTLASS version.");
+  }, "What this binary was built with (versions, CUDA kernels and archs, CUTLASS version) and the CPU GEMM "
+     "path it takes on this machine.");
 }

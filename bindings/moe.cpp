@@ -1,7 +1,8 @@
 // Bindings of the mixture-of-experts family (csrc/moe): validate the tensors, fill the llada::Moe*
 // and GroupedGemm* params, pick the stream and call the CPU or CUDA kernels. Offsets, ids and the
 // inverse index are read on the CPU only (on CUDA they stay on the device: no host sync). The CPU
-// grouped GEMM runs either the llada kernel or ATen's GEMM per group, whichever is faster (use_aten).
+// grouped GEMM runs the batch-invariant llada kernel, or, when asked for speed only, ATen's GEMM per
+// group where that is faster (use_aten).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -34,6 +35,12 @@ llada::DType element_dtype(const Tensor& t, const char* op, const char* name) {
       TORCH_CHECK_TYPE(false, op, ": ", name, " must be float32 or bfloat16 (or float16 on CUDA), got ",
                        t.scalar_type());
   }
+}
+
+// The grouped GEMMs also take fp16 on the CPU.
+llada::DType gemm_dtype(const Tensor& t, const char* op, const char* name) {
+  if (t.scalar_type() == at::kHalf) return llada::DType::kFloat16;
+  return element_dtype(t, op, name);
 }
 
 // The CUDA grouped GEMMs: bf16 with rows of 16 bytes (sizes multiples of 8) for TMA / cp.async, or fp32.
@@ -286,21 +293,21 @@ void grouped_gemm_wgrad_aten(const Tensor& grad_out, const Tensor& a, const Tens
   }
 }
 
-// Which CPU GEMM runs the grouped products. LLADA_MOE_CPU_GEMM=kernel|aten forces one (the tests run
-// both); by default the faster as measured on a 2-core AVX-512 (with bf16) EPYC, E 64, K 512, N 1024,
-// one thread: with at most 8 rows a group (decoding) the llada kernel streams B at 21-25 GB/s against
-// ATen's 11-13 (fp32 and bf16); with more rows ATen's bf16 GEMM (AVX512-BF16 dot products) is 2.5-4x
-// faster than the fp32-widening llada kernel, and ATen's fp32 GEMM wins up to ~32 rows a group, the
-// llada kernel from 64 rows on (5-15 %); the llada fp32 weight gradient is 10-20 % faster at every size.
-bool use_aten(const Tensor& a, bool stream, bool small_groups) {
+// Which CPU GEMM runs the grouped products when they need not be batch-invariant (the llada kernels are
+// batch-invariant by construction; ATen's GEMM picks its kernel by shape). LLADA_MOE_CPU_GEMM=kernel|aten
+// forces one (the tests run both). By default: ATen (MKL / oneDNN) for the forward of groups of more than
+// kAtenRows rows on average and for the bf16 weight gradient, the llada kernels for few rows (decoding:
+// they stream each weight row once, where ATen pays a call per group) and the fp32 weight gradient.
+constexpr int64_t kAtenRows = 16;
+
+bool use_aten(const Tensor& a, bool few_rows) {
   const char* force = std::getenv("LLADA_MOE_CPU_GEMM");
   if (force != nullptr && std::strcmp(force, "kernel") == 0) return false;
   if (force != nullptr && std::strcmp(force, "aten") == 0) return true;
-  if (stream) return false;
-  return a.scalar_type() == at::kBFloat16 || small_groups;
+  return !few_rows;
 }
 
-Tensor moe_grouped_gemm(const Tensor& a, const Tensor& b, const Tensor& offsets) {
+Tensor moe_grouped_gemm(const Tensor& a, const Tensor& b, const Tensor& offsets, bool batch_invariant) {
   constexpr const char* op = "moe_grouped_gemm";
   TORCH_CHECK_VALUE(a.dim() == 2, op, ": a must be [M, K], got shape ", a.sizes());
   TORCH_CHECK_VALUE(b.dim() == 3, op, ": b must be [E, N, K], got shape ", b.sizes());
@@ -314,7 +321,7 @@ Tensor moe_grouped_gemm(const Tensor& a, const Tensor& b, const Tensor& offsets)
   const int64_t M = a.size(0), K = a.size(1), E = b.size(0), N = b.size(1);
   check_offsets(offsets, E, M, op);
   llada::GroupedGemmParams p;
-  p.dtype = element_dtype(a, op, "a");
+  p.dtype = gemm_dtype(a, op, "a");
   Tensor ac = a.contiguous();
   Tensor bc = (b.stride(2) == 1 || b.stride(1) == 1) ? b : b.contiguous();
   Tensor oc = offsets.contiguous();
@@ -330,6 +337,8 @@ Tensor moe_grouped_gemm(const Tensor& a, const Tensor& b, const Tensor& offsets)
   p.b_stride_group = bc.stride(0);
   p.b_stride_n = bc.stride(1);
   p.b_stride_k = bc.stride(2);
+  p.batch_invariant = batch_invariant;
+  p.cpu_isa = llada::cpu_isa_from_env();  // LLADA_CPU_ISA: tests run every CPU path the machine has
   if (a.is_cuda()) {
     check_cuda_gemm(a, N, K, op, "a");
 #ifdef LLADA_WITH_CUDA
@@ -341,7 +350,7 @@ Tensor moe_grouped_gemm(const Tensor& a, const Tensor& b, const Tensor& offsets)
 #endif
     return c;
   }
-  if (use_aten(ac, bc.stride(2) == 1 && M <= 8 * E, M < 64 * E)) {
+  if (!batch_invariant && use_aten(ac, M <= kAtenRows * E)) {
     grouped_gemm_aten(ac, bc, oc, c);
     return c;
   }
@@ -363,7 +372,7 @@ Tensor moe_grouped_gemm_wgrad(const Tensor& grad_out, const Tensor& a, const Ten
   const int64_t M = a.size(0), K = a.size(1), N = grad_out.size(1), E = offsets.size(0) - 1;
   check_offsets(offsets, E, M, op);
   llada::GroupedGemmWgradParams p;
-  p.dtype = element_dtype(a, op, "a");
+  p.dtype = gemm_dtype(a, op, "a");
   Tensor gc = grad_out.contiguous(), ac = a.contiguous(), oc = offsets.contiguous();
   Tensor grad_b = at::empty({E, N, K}, a.options());
   p.grad_c = gc.data_ptr();
@@ -384,7 +393,7 @@ Tensor moe_grouped_gemm_wgrad(const Tensor& grad_out, const Tensor& a, const Ten
 #endif
     return grad_b;
   }
-  if (use_aten(ac, false, false)) {
+  if (use_aten(ac, ac.scalar_type() != at::kBFloat16)) {
     grouped_gemm_wgrad_aten(gc, ac, oc, grad_b);
     return grad_b;
   }

@@ -36,7 +36,7 @@ def build_info() -> dict:
         info = dict(_C.build_info())
     else:
         info = {"version": __version__, "torch_version": None, "cuda_kernels": False, "cuda_archs": "",
-                "cuda_version": "", "cutlass_version": "", "import_error": str(_IMPORT_ERROR)}
+                "cuda_version": "", "cutlass_version": "", "cpu_gemm_path": {}, "import_error": str(_IMPORT_ERROR)}
     info["native_extension"] = _C is not None
     info["runtime_torch_version"] = torch.__version__
     info["cuda_device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else None

@@ -1,4 +1,4 @@
-// Bit-level conversions shared by CPU and CUDA: bf16/fp16 storage to fp32, and the order-preserving
+// Bit-level conversions shared by CPU and CUDA: bf16/fp16 storage to and from fp32, and the order-preserving
 // unsigned key of a float used by radix selection (a < b  <=>  key(a) < key(b) for non-NaN floats).
 #pragma once
 
@@ -44,6 +44,21 @@ LLADA_HD float fp16_bits_to_float(uint16_t h) {
   const uint32_t special_bits = body | 0x7F800000u;
   const bool special = (h & 0x7C00u) == 0x7C00u;
   return bits_to_float(sign | (special ? special_bits : finite_bits));
+}
+
+// fp32 to IEEE binary16 bits, round to nearest even (overflow to inf, half subnormals, NaN stays a quiet NaN).
+LLADA_HD uint16_t float_to_fp16_bits(float f) {
+  const uint32_t u = float_to_bits(f);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7FFFFFFFu;
+  if (a > 0x7F800000u) return sign | 0x7E00u;
+  if (a >= 0x477FF000u) return sign | 0x7C00u;  // 65520 and up round to inf
+  if (a < 0x38800000u) {                        // below 2^-14: a subnormal half, round(f * 2^24) ulps
+    const float scaled = bits_to_float(a) * 16777216.0f + 12582912.0f;  // 1.5 * 2^23: rounds to an integer
+    return sign | static_cast<uint16_t>(float_to_bits(scaled) - 0x4B400000u);
+  }
+  const uint32_t rounded = a + 0xFFFu + ((a >> 13) & 1u);
+  return sign | static_cast<uint16_t>((rounded - 0x38000000u) >> 13);
 }
 
 LLADA_HD uint32_t float_order_key(float f) {

@@ -1,5 +1,5 @@
-// Element access for the MoE CPU kernels: fp32 and bf16 storage read and written as fp32
-// (bf16 rounded to nearest even), so each kernel is one template over the storage type.
+// Element access for the MoE CPU kernels: fp32, bf16 and fp16 storage read and written as fp32
+// (rounded to nearest even), so each kernel is one template over the storage type.
 #pragma once
 
 #include <cstdint>
@@ -13,8 +13,13 @@ struct Bf16 {
   uint16_t bits;
 };
 
+struct Half {
+  uint16_t bits;
+};
+
 inline float to_float(float v) { return v; }
 inline float to_float(Bf16 v) { return bf16_bits_to_float(v.bits); }
+inline float to_float(Half v) { return fp16_bits_to_float(v.bits); }
 
 template <typename T>
 inline T from_float(float v);
@@ -30,6 +35,11 @@ inline Bf16 from_float<Bf16>(float v) {
   if ((u & 0x7FFFFFFFu) > 0x7F800000u) return Bf16{static_cast<uint16_t>((u >> 16) | 0x40u)};  // quiet NaN
   const uint32_t rounded = u + 0x7FFFu + ((u >> 16) & 1u);
   return Bf16{static_cast<uint16_t>(rounded >> 16)};
+}
+
+template <>
+inline Half from_float<Half>(float v) {
+  return Half{float_to_fp16_bits(v)};
 }
 
 }  // namespace moe

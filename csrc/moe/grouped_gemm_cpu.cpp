@@ -2,14 +2,14 @@
 //   forward  C[rows of g] = A[rows of g] @ B[g]^T       (B [E, N, K], K- or N-contiguous)
 //   wgrad    dB[g] = dC[rows of g]^T @ A[rows of g]     (a ragged reduction over each group's rows)
 //
-// Both are one blocked kernel: a panel of kNR output columns is packed as fp32 [K, kNR] (so the
-// weights are read once, converted once), then kMR x kNR tiles accumulate in registers over the whole
-// reduction, broadcasting one scalar of the left operand per row and step. bf16 inputs are widened to
-// fp32 (accumulation is always fp32) and results rounded once. Work items are (group, column panel),
-// scheduled dynamically over the OpenMP threads. A forward group of at most kStreamRows rows (decoding:
-// a few tokens per expert) skips the packing: each K-contiguous row of B is streamed once and dotted
-// with the group's rows, so the pass runs at memory bandwidth. The kernels are compiled for AVX-512,
-// AVX2 and baseline x86-64 and picked at load time.
+// A forward with B K-contiguous (the model's weights) runs the batch-invariant GEMM
+// (batch_invariant_gemm_cpu.h). The others are one blocked kernel: a panel of kNR output columns is
+// packed as fp32 [K, kNR] (so B is read once, converted once), then kMR x kNR tiles accumulate in
+// registers over the whole reduction, broadcasting one scalar of the left operand per row and step;
+// a tile always runs whole (rows past the group's end repeat its last row), so its forward is
+// batch-invariant too. bf16 and fp16 inputs are widened to fp32 (accumulation is always fp32) and
+// results rounded once. Work items are (group, column panel), scheduled dynamically over the OpenMP
+// threads. The kernel is compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time.
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -19,14 +19,9 @@
 #include "common/float_bits.h"
 #include "common/host_device.h"
 #include "llada/moe.h"
+#include "moe/batch_invariant_gemm_cpu.h"
 #include "moe/element.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#include <immintrin.h>
-#define LLADA_AVX512 1
-#else
-#define LLADA_AVX512 0
-#endif
 
 namespace llada {
 
@@ -34,146 +29,23 @@ namespace {
 
 constexpr int64_t kMR = 8;          // rows of a register tile
 constexpr int64_t kNR = 32;         // columns of a register tile and of a packed panel
-constexpr int64_t kStreamRows = 16;  // forward groups up to this many rows stream B unpacked
-constexpr int64_t kLanes = 16;       // K elements per step of the streaming kernel
 
-// out[r, j] = sum_kk a[r * a_rs + kk * a_ks] * panel[kk, j] for r < mr, j < kNR.
+// out[r, j] = sum_kk a[r * a_rs + kk * a_ks] * panel[kk, j] for r < kMR, j < kNR, rows past mr repeating row
+// mr - 1: every tile runs whole, so a row's sums never depend on how many rows share its tile.
 LLADA_CPU_MULTIVERSION void tile_kernel(const float* a, int64_t a_rs, int64_t a_ks, int64_t mr, const float* panel,
                                     int64_t K, float* out) {
   float acc[kMR][kNR] = {};
-  if (mr == kMR) {
-    for (int64_t kk = 0; kk < K; ++kk) {
-      const float* b = panel + kk * kNR;
-      for (int64_t r = 0; r < kMR; ++r) {
-        const float av = a[r * a_rs + kk * a_ks];
+  const float* rows[kMR];
+  for (int64_t r = 0; r < kMR; ++r) rows[r] = a + std::min(r, mr - 1) * a_rs;
+  for (int64_t kk = 0; kk < K; ++kk) {
+    const float* b = panel + kk * kNR;
+    for (int64_t r = 0; r < kMR; ++r) {
+      const float av = rows[r][kk * a_ks];
 #pragma omp simd
-        for (int64_t j = 0; j < kNR; ++j) acc[r][j] += av * b[j];
-      }
-    }
-  } else {
-    for (int64_t kk = 0; kk < K; ++kk) {
-      const float* b = panel + kk * kNR;
-      for (int64_t r = 0; r < mr; ++r) {
-        const float av = a[r * a_rs + kk * a_ks];
-#pragma omp simd
-        for (int64_t j = 0; j < kNR; ++j) acc[r][j] += av * b[j];
-      }
+      for (int64_t j = 0; j < kNR; ++j) acc[r][j] += av * b[j];
     }
   }
   for (int64_t r = 0; r < mr; ++r) std::memcpy(out + r * kNR, acc[r], sizeof(acc[r]));
-}
-
-// dst[0, kLanes) = src[0, kLanes) as fp32; bf16 widened by a shift so that the loop vectorises.
-__attribute__((always_inline)) inline void load_lanes(const float* src, float* dst) {
-  std::memcpy(dst, src, kLanes * sizeof(float));
-}
-
-__attribute__((always_inline)) inline void load_lanes(const moe::Bf16* src, float* dst) {
-  uint16_t bits[kLanes];
-  std::memcpy(bits, src, sizeof(bits));
-  uint32_t wide[kLanes];
-#pragma omp simd
-  for (int64_t l = 0; l < kLanes; ++l) wide[l] = static_cast<uint32_t>(bits[l]) << 16;
-  std::memcpy(dst, wide, sizeof(wide));
-}
-
-// out[r, j] = <a[r, :K], b[j * b_rs, :K]> for r < MR, j < nr: B rows streamed once, MR x kLanes
-// accumulators in registers (MR is a template parameter so that the row loop unrolls).
-template <int64_t MR, typename T>
-__attribute__((always_inline)) inline void stream_rows(const float* a, const T* b, int64_t b_rs, int64_t nr,
-                                                       int64_t K, float* out) {
-  for (int64_t j = 0; j < nr; ++j) {
-    const T* row = b + j * b_rs;
-    float acc[MR][kLanes] = {};
-    int64_t kk = 0;
-    for (; kk + kLanes <= K; kk += kLanes) {
-      float bv[kLanes];
-      load_lanes(row + kk, bv);
-      for (int64_t r = 0; r < MR; ++r) {
-        const float* ar = a + r * K + kk;
-#pragma omp simd
-        for (int64_t l = 0; l < kLanes; ++l) acc[r][l] += ar[l] * bv[l];
-      }
-    }
-    for (int64_t r = 0; r < MR; ++r) {
-      float sum = 0.0f;
-      for (int64_t l = 0; l < kLanes; ++l) sum += acc[r][l];
-      for (int64_t k2 = kk; k2 < K; ++k2) sum += a[r * K + k2] * moe::to_float(row[k2]);
-      out[r * kNR + j] = sum;
-    }
-  }
-}
-
-// stream_rows<mr> for a run-time mr in [1, MR].
-template <int64_t MR, typename T>
-__attribute__((always_inline)) inline void stream_tile(const float* a, int64_t mr, const T* b, int64_t b_rs,
-                                                       int64_t nr, int64_t K, float* out) {
-  if constexpr (MR > 1) {
-    if (mr < MR) return stream_tile<MR - 1>(a, mr, b, b_rs, nr, K, out);
-  }
-  stream_rows<MR>(a, b, b_rs, nr, K, out);
-}
-
-LLADA_CPU_MULTIVERSION void stream_tile_f32(const float* a, int64_t mr, const float* b, int64_t b_rs, int64_t nr,
-                                        int64_t K, float* out) {
-  stream_tile<kStreamRows>(a, mr, b, b_rs, nr, K, out);
-}
-
-LLADA_CPU_MULTIVERSION void stream_tile_bf16(const float* a, int64_t mr, const moe::Bf16* b, int64_t b_rs, int64_t nr,
-                                         int64_t K, float* out) {
-  stream_tile<kStreamRows>(a, mr, b, b_rs, nr, K, out);
-}
-
-#if LLADA_AVX512
-// stream_rows for bf16 B with AVX-512 intrinsics: the compiler's own widening of 16 bf16 goes through
-// the stack in two halves and stalls on store forwarding (2.5x slower than the fp32 stream).
-template <int64_t MR>
-__attribute__((target("avx512f,avx512bw"))) void stream_rows_bf16_avx512(const float* a, const moe::Bf16* b,
-                                                                         int64_t b_rs, int64_t nr, int64_t K,
-                                                                         float* out) {
-  for (int64_t j = 0; j < nr; ++j) {
-    const uint16_t* row = reinterpret_cast<const uint16_t*>(b + j * b_rs);
-    __m512 acc[MR];
-    for (int64_t r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
-    int64_t kk = 0;
-    for (; kk + kLanes <= K; kk += kLanes) {
-      const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + kk));
-      const __m512i wide = _mm512_maskz_cvtepu16_epi32(0xFFFF, bits);
-      const __m512 bv = _mm512_castsi512_ps(_mm512_maskz_slli_epi32(0xFFFF, wide, 16));
-      for (int64_t r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(a + r * K + kk), bv, acc[r]);
-    }
-    for (int64_t r = 0; r < MR; ++r) {
-      float sum = _mm512_reduce_add_ps(acc[r]);
-      for (int64_t k2 = kk; k2 < K; ++k2) sum += a[r * K + k2] * bf16_bits_to_float(row[k2]);
-      out[r * kNR + j] = sum;
-    }
-  }
-}
-
-// stream_rows_bf16_avx512<mr> for a run-time mr in [1, MR].
-template <int64_t MR>
-__attribute__((target("avx512f,avx512bw"))) void stream_tile_bf16_avx512(const float* a, int64_t mr,
-                                                                         const moe::Bf16* b, int64_t b_rs,
-                                                                         int64_t nr, int64_t K, float* out) {
-  if constexpr (MR > 1) {
-    if (mr < MR) return stream_tile_bf16_avx512<MR - 1>(a, mr, b, b_rs, nr, K, out);
-  }
-  stream_rows_bf16_avx512<MR>(a, b, b_rs, nr, K, out);
-}
-#endif
-
-inline void stream_tile_any(const float* a, int64_t mr, const float* b, int64_t b_rs, int64_t nr, int64_t K,
-                            float* out) {
-  stream_tile_f32(a, mr, b, b_rs, nr, K, out);
-}
-
-inline void stream_tile_any(const float* a, int64_t mr, const moe::Bf16* b, int64_t b_rs, int64_t nr, int64_t K,
-                            float* out) {
-#if LLADA_AVX512
-  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-  if (avx512) return stream_tile_bf16_avx512<kStreamRows>(a, mr, b, b_rs, nr, K, out);
-#endif
-  stream_tile_bf16(a, mr, b, b_rs, nr, K, out);
 }
 
 // Rows of the output tile to their destination (nr valid columns, row stride ld).
@@ -225,18 +97,13 @@ void grouped_gemm(const GroupedGemmParams& p) {
   T* c = static_cast<T*>(p.c);                            // [M, N]
 #pragma omp parallel
   {
-    std::vector<float> panel(K * kNR), tile(std::max(kMR, kStreamRows) * kNR);
+    std::vector<float> panel(K * kNR), tile(kMR * kNR);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < p.groups * panels; ++item) {
       const int64_t g = item / panels, n0 = (item % panels) * kNR, nr = std::min(kNR, N - n0);
       const int64_t m_begin = p.offsets[g], m_end = p.offsets[g + 1];
       if (m_begin == m_end) continue;
       const T* bg = b + g * p.b_stride_group + n0 * p.b_stride_n;  // [nr, K]
-      if (m_end - m_begin <= kStreamRows && p.b_stride_k == 1) {
-        stream_tile_any(a + m_begin * K, m_end - m_begin, bg, p.b_stride_n, nr, K, tile.data());
-        store_tile(tile.data(), m_end - m_begin, nr, c + m_begin * N + n0, N);
-        continue;
-      }
       pack_panel(bg, p.b_stride_n, p.b_stride_k, nr, K, panel.data());
       for (int64_t m = m_begin; m < m_end; m += kMR) {
         const int64_t mr = std::min(kMR, m_end - m);
@@ -328,9 +195,14 @@ bool offsets_valid(const int32_t* offsets, int64_t groups, int64_t m) {
 Status moe_grouped_gemm_cpu(const GroupedGemmParams& p) {
   if (p.m < 0 || p.n < 0 || p.k < 0 || p.groups < 1 || !offsets_valid(p.offsets, p.groups, p.m))
     return Status::kBadArgument;
+  if (p.b_stride_k == 1) {
+    moe::batch_invariant_gemm(p);
+    return Status::kOk;
+  }
   switch (p.dtype) {
     case DType::kFloat32: grouped_gemm<float>(p); break;
     case DType::kBFloat16: grouped_gemm<moe::Bf16>(p); break;
+    case DType::kFloat16: grouped_gemm<moe::Half>(p); break;
     default: return Status::kBadArgument;
   }
   return Status::kOk;
@@ -342,6 +214,7 @@ Status moe_grouped_gemm_wgrad_cpu(const GroupedGemmWgradParams& p) {
   switch (p.dtype) {
     case DType::kFloat32: grouped_gemm_wgrad<float>(p); break;
     case DType::kBFloat16: grouped_gemm_wgrad<moe::Bf16>(p); break;
+    case DType::kFloat16: grouped_gemm_wgrad<moe::Half>(p); break;
     default: return Status::kBadArgument;
   }
   return Status::kOk;

@@ -69,7 +69,7 @@ bool supported(DType dtype, int64_t n, int64_t k, std::initializer_list<const vo
 Status moe_grouped_gemm_cuda(const GroupedGemmParams& p, cudaStream_t stream) {
   const bool fp32 = p.dtype == DType::kFloat32;
   if (p.m < 0 || p.groups < 1 || !supported(p.dtype, p.n, p.k, {p.a, p.b, p.c}) ||
-      (!fp32 && p.b_stride_group % 8 != 0))
+      (!fp32 && p.b_stride_group % 8 != 0) || (p.offsets == nullptr && p.groups != 1))
     return Status::kBadArgument;
   moe_cuda::GroupedGemmProblem q;
   if (p.b_stride_k == 1) {
@@ -91,6 +91,7 @@ Status moe_grouped_gemm_cuda(const GroupedGemmParams& p, cudaStream_t stream) {
   q.a = p.a;
   q.b = p.b;
   q.offsets = p.offsets;
+  q.batch_invariant = p.batch_invariant;
   q.d = p.c;
   q.m = p.m;
   q.n = p.n;

@@ -23,12 +23,13 @@ struct GroupedGemmProblem {
   GemmKind kind = GemmKind::kForward;
   const void* a = nullptr;          // kForward*: A [M, K]; kWgrad: dC [M, N]
   const void* b = nullptr;          // kForward*: B [E, N, K] strided; kWgrad: A [M, K]
-  const int32_t* offsets = nullptr; // [E + 1] on the device
+  const int32_t* offsets = nullptr; // [E + 1] on the device; null: one group of all M rows (groups == 1)
   void* d = nullptr;                // kForward*: [M, N]; kWgrad: [E, N, K]
   int64_t m = 0, n = 0, k = 0, groups = 0;
   int64_t b_stride_group = 0;       // kForward*: elements between B[g] and B[g + 1]
   int64_t b_ld = 0;                 // kForward*: stride of B[g]'s non-contiguous dimension
   bool fp32 = false;                // fp32 operands (else bf16)
+  bool batch_invariant = true;      // forward: one kernel whatever the rows per group
   int device = 0;
   int sm_count = 0;
 };

@@ -1,5 +1,6 @@
 // The MoE grouped GEMMs on sm_80..sm_89 (A100, L40, ...): CUTLASS 2.x GemmGrouped with device-only
-// scheduling, bf16 in and out, fp32 accumulation, 128x128x32 tensor-core tiles, 4 stages. Also the
+// scheduling, bf16 in and out, fp32 accumulation, 128x128x32 tensor-core tiles, 4 stages, no split-K
+// (one configuration whatever the rows: batch-invariant as it is). Also the
 // fp32 grouped GEMMs on every GPU from sm_80 on (this file is compiled for sm_90a too): SIMT tiles.
 //
 // As on sm_90, a small kernel fills each group's problem size, pointers and leading dimensions on the
@@ -65,7 +66,7 @@ template <class Element>
 __global__ void setup_kernel(GroupedGemmProblem p, Arrays<Element> out) {
   const int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (g >= p.groups) return;
-  const int64_t begin = p.offsets[g], rows = p.offsets[g + 1] - begin;
+  const int64_t begin = p.offsets ? p.offsets[g] : 0, rows = p.offsets ? p.offsets[g + 1] - begin : p.m;
   Element* a = static_cast<Element*>(const_cast<void*>(p.a));
   Element* b = static_cast<Element*>(const_cast<void*>(p.b));
   Element* d = static_cast<Element*>(p.d);

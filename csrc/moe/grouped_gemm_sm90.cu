@@ -1,6 +1,6 @@
 // The MoE grouped GEMMs on sm_90 (H100/H200): CUTLASS 3.x pointer-array grouped GEMMs with TMA loads
 // and warp-specialised schedules (cooperative 128x128 tiles, or ping-pong 64x128 tiles for groups of
-// few rows), bf16 in and out, fp32 accumulation.
+// few rows and for every batch-invariant call), bf16 in and out, fp32 accumulation, no split-K.
 //
 // A small kernel fills each group's problem shape (M, N, K), operand pointers and strides on the
 // device from the offsets; the host problem shapes are left null, so nothing is synchronised.
@@ -76,7 +76,8 @@ LLADA_SM90_GROUPED_GEMM(ForwardPingpongGemm, Pingpong, cutlass::layout::RowMajor
 LLADA_SM90_GROUPED_GEMM(ForwardNMajorPingpongGemm, Pingpong, cutlass::layout::RowMajor, cutlass::layout::RowMajor)
 #undef LLADA_SM90_GROUPED_GEMM
 
-// Forward groups of fewer rows than this on average take the ping-pong kernels.
+// Forward groups of fewer rows than this on average take the ping-pong kernels; batch-invariant calls take
+// them always (one kernel, one K order per output element, whatever the rows).
 constexpr int64_t kPingpongRows = 64;
 
 // A rank-3 (rows, cols, batch) stride with one unit mode: `ld` goes into the other one.
@@ -106,7 +107,7 @@ template <class Cfg>
 __global__ void setup_kernel(GroupedGemmProblem p, Arrays<Cfg> out) {
   const int64_t g = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (g >= p.groups) return;
-  const int64_t begin = p.offsets[g], rows = p.offsets[g + 1] - begin;
+  const int64_t begin = p.offsets ? p.offsets[g] : 0, rows = p.offsets ? p.offsets[g + 1] - begin : p.m;
   const Element* a = static_cast<const Element*>(p.a);
   const Element* b = static_cast<const Element*>(p.b);
   Element* d = static_cast<Element*>(p.d);
@@ -198,7 +199,7 @@ Status run_gemm(const GroupedGemmProblem& p, cudaStream_t stream) {
 }  // namespace
 
 Status grouped_gemm_sm90(const GroupedGemmProblem& p, cudaStream_t stream) {
-  const bool few_rows = p.m < kPingpongRows * p.groups;
+  const bool few_rows = p.batch_invariant || p.m < kPingpongRows * p.groups;
   switch (p.kind) {
     case GemmKind::kForward:
       return few_rows ? run_gemm<ForwardPingpongGemm>(p, stream) : run_gemm<ForwardGemm>(p, stream);

@@ -135,12 +135,14 @@ def _model_dtypes(model: LLaDA2Model, plan, stored: dict[str, str], dtype: Optio
 
 def load_model(path: Union[str, Path], *, dtype: Optional[torch.dtype] = None, device=None,
                backend: str = "kernels", progress: Optional[bool] = None,
-               revision: Optional[str] = None, parallel: Optional[str] = None) -> LLaDA2Model:
+               revision: Optional[str] = None, parallel: Optional[str] = None,
+               batch_invariant: bool = True) -> LLaDA2Model:
     """Loads an official LLaDA2.0 checkpoint (or one saved by save_pretrained): a local folder, a Hugging Face
     Hub id (at `revision`; see hub.py), or "default", the embedded default model. `dtype` None keeps the
     checkpoint's dtype. `progress` shows a progress bar on stderr (None: for checkpoints of 1 GB and more).
     parallel="tp": this process's part of a tensor- and expert-parallel model over the default process group
-    (llada_engine/parallel), read slice by slice."""
+    (llada_engine/parallel), read slice by slice. batch_invariant=False trades the same-result-in-any-batch
+    numerics for speed (LLaDA2Model)."""
     if dtype is not None and dtype not in _DTYPES.values():
         raise ValueError(f"dtype must be None, torch.bfloat16, torch.float16 or torch.float32, got {dtype!r}")
     path = resolve_checkpoint(path, revision=revision)
@@ -149,14 +151,15 @@ def load_model(path: Union[str, Path], *, dtype: Optional[torch.dtype] = None, d
 
         if parallel not in PARALLEL:
             raise ValueError(f"parallel must be None or one of {PARALLEL}, got {parallel!r}")
-        return load_sharded(path, dtype=dtype, device=device, backend=backend, progress=progress)
+        return load_sharded(path, dtype=dtype, device=device, backend=backend, progress=progress,
+                            batch_invariant=batch_invariant)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such checkpoint folder")
     config = LLaDA2Config.from_file(path / "config.json")
     files = _weight_files(path)
     device = torch.device(device or "cpu")
     with torch.device("meta"):
-        model = LLaDA2Model(config, backend=backend)
+        model = LLaDA2Model(config, backend=backend, batch_invariant=batch_invariant)
 
     plan = list(release_tensors(model))
     handles = {}

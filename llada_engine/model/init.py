@@ -10,9 +10,9 @@ from .modules import RMSNorm
 
 
 def random_model(config: LLaDA2Config, *, seed: int = 0, std: float = 0.02, dtype: torch.dtype = torch.float32,
-                 device=None, backend: str = "kernels") -> LLaDA2Model:
+                 device=None, backend: str = "kernels", batch_invariant: bool = True) -> LLaDA2Model:
     """A model of `config` with freshly initialised weights (for training from scratch and benchmarks)."""
-    model = LLaDA2Model(config, backend=backend)
+    model = LLaDA2Model(config, backend=backend, batch_invariant=batch_invariant)
     init_weights(model, seed=seed, std=std)
     return model.to(device=device, dtype=dtype)
 

@@ -6,7 +6,9 @@
 `input_ids` int64 [T] packs one or more sequences (cu_seqlens int32 [S+1]); positions restart at 0 in each
 sequence (under mask="bd3" each half [x_t | x_0] takes positions 0..n-1). Tokens are predicted at their own
 position. Decoding uses `prefill` and `forward_paged` with the paged KV cache (llada_engine/decoding).
-The parameter names are the release's, except the routed experts, which are stacked per layer
+`batch_invariant` (default True) makes every token's logits the same alone or in any batch, bit for bit, on
+the kernels backend (backend.py; False: faster linear layers and expert GEMMs whose last bits depend on the
+batch). The parameter names are the release's, except the routed experts, which are stacked per layer
 (`mlp.w13` [E, 2I, H], `mlp.w2` [E, H, I]); checkpoint.py maps them to the per-expert release names.
 """
 from typing import Optional
@@ -17,7 +19,7 @@ from torch import nn
 from .attention import PackedContext, PagedContext
 from .backend import BACKENDS, op_set
 from .config import LLaDA2Config
-from .modules import DecoderLayer, RMSNorm, rotary_tables
+from .modules import DecoderLayer, Linear, RMSNorm, rotary_tables
 
 MASKS = ("block_causal", "bd3")
 
@@ -31,11 +33,12 @@ class _Body(nn.Module):
 
 
 class LLaDA2Model(nn.Module):
-    def __init__(self, config: LLaDA2Config, backend: str = "kernels"):
+    def __init__(self, config: LLaDA2Config, backend: str = "kernels", batch_invariant: bool = True):
         super().__init__()
         self.config = config
         self.model = _Body(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._batch_invariant = bool(batch_invariant)
         self.backend = backend
 
     @property
@@ -44,8 +47,22 @@ class LLaDA2Model(nn.Module):
 
     @backend.setter
     def backend(self, value: str) -> None:
-        self._ops = op_set(value)
-        self._backend = value
+        self._set_ops(value, self._batch_invariant)
+
+    @property
+    def batch_invariant(self) -> bool:
+        return self._batch_invariant
+
+    @batch_invariant.setter
+    def batch_invariant(self, value: bool) -> None:
+        self._set_ops(self._backend, bool(value))
+
+    def _set_ops(self, backend: str, batch_invariant: bool) -> None:
+        self._ops = op_set(backend, batch_invariant)
+        self._backend, self._batch_invariant = backend, batch_invariant
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.product = self._ops.linear
 
     @property
     def dtype(self) -> torch.dtype:

@@ -2,6 +2,10 @@
 per-head RMSNorm on q and k, NeoX rotary on the first `rope_dim` dims, SwiGLU MLPs, the sigmoid
 group-limited router in fp32 and the routed experts through the grouped-GEMM op.
 
+Every linear layer (QKV, output projection, dense MLP, shared expert, router, lm_head) is a `Linear`, whose
+product is the function the model gives it (LLaDA2Model.batch_invariant): the batch-invariant `linear` op, or
+F.linear. The router's product is the op set's `linear`, in fp32.
+
 T = packed tokens, H = hidden, Hq/Hkv = heads, D = head dim, E = experts, k = experts per token.
 Attention is told how to attend by a context (attention.py): packed varlen with a mask, or the current
 block of each sequence against its KV cache.
@@ -11,6 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LLaDA2Config
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same init) whose product is `self.product(x, weight, bias)`, set by the model."""
+
+    product = staticmethod(F.linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.product(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -50,13 +63,13 @@ class Attention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
-        self.query_key_value = nn.Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim,
-                                         bias=config.use_qkv_bias)
+        self.query_key_value = Linear(config.hidden_size, (self.num_heads + 2 * self.num_kv_heads) * self.head_dim,
+                                      bias=config.use_qkv_bias)
         self.use_qk_norm = config.use_qk_norm
         if config.use_qk_norm:
             self.query_layernorm = RMSNorm(self.head_dim, config.rms_norm_eps)
             self.key_layernorm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.dense = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.use_bias)
+        self.dense = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=config.use_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, context, layer: int) -> torch.Tensor:
         T = x.shape[0]
@@ -74,9 +87,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = Linear(hidden, intermediate, bias=False)
+        self.up_proj = Linear(hidden, intermediate, bias=False)
+        self.down_proj = Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -111,7 +124,7 @@ class MoE(nn.Module):
         self.last_routing = None
 
     def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
-        router_logits = F.linear(x.float(), self.gate.weight.float())                  # [T, E] fp32
+        router_logits = ops.linear(x.float(), self.gate.weight.float())                # [T, E] fp32
         topk_ids, topk_weights = ops.moe_route(
             router_logits, self.gate.expert_bias.float(), top_k=self.top_k, n_group=self.n_group,
             topk_group=self.topk_group, routed_scaling_factor=self.routed_scaling_factor,

@@ -3,9 +3,10 @@
     moe_route(router_logits, expert_bias, *, top_k, n_group, topk_group, routed_scaling_factor,
               norm_topk_prob=True) -> (topk_ids int32 [T, k], topk_weights fp32 [T, k])
     moe_permute(x, topk_ids, num_experts) -> (x_sorted [T*k, H], offsets int32 [E+1], inverse int32 [T*k])
-    moe_grouped_gemm(a, b, offsets) -> [M, N]          # a [M, K], b [E, N, K] (nn.Linear layout)
+    moe_grouped_gemm(a, b, offsets, *, batch_invariant=True) -> [M, N]   # a [M, K], b [E, N, K] (nn.Linear layout)
     moe_unpermute(y, inverse, topk_weights) -> [T, H]
-    moe_experts(x, topk_ids, topk_weights, w13, w2) -> [T, H]   # w13 [E, 2I, H] = [gate; up], w2 [E, H, I]
+    moe_experts(x, topk_ids, topk_weights, w13, w2, *, batch_invariant=True) -> [T, H]
+                                                       # w13 [E, 2I, H] = [gate; up], w2 [E, H, I]
     *_ref: the pure-PyTorch references (the oracle of the tests, the baseline of the benchmarks)
 
 Routing is the official LLaDA2 gate: sigmoid of the fp32 logits; `expert_bias` added for the selection
@@ -19,8 +20,14 @@ moe_grouped_gemm, moe_unpermute and moe_experts are differentiable in their acti
 topk_weights: the backward of the grouped GEMM is the same op with b transposed (activations) and a
 grouped GEMM over a ragged K (weights, zero for experts that got no row).
 
-Devices: the C++ CPU kernels take fp32 and bf16 of any size (the grouped GEMM picks the llada kernel or
-ATen's GEMM per group by a rule set from measured speeds; LLADA_MOE_CPU_GEMM=kernel|aten forces one). On CUDA, routing
+batch_invariant (the default): the grouped GEMM computes every row by one kernel and one reduction order
+whatever the rows per expert, so a token's expert outputs are the same alone or in any batch (on the CPU
+the tiles of the linear op, AMX for bf16 where the CPU has it; on sm_90 always the ping-pong kernel).
+batch_invariant=False lets the CPU pick by rows per group (the llada kernels or ATen's GEMM, by a rule set
+from measured speeds; LLADA_MOE_CPU_GEMM=kernel|aten forces one) and sm_90 pick its tile shape.
+The backward's GEMMs are never batch-invariant.
+
+Devices: the C++ CPU kernels take fp32 and bf16 of any size (the grouped GEMM fp16 too). On CUDA, routing
 and (un)permutation take fp32/bf16/fp16; the grouped GEMMs take bf16 with N and K multiples of 8 (CUTLASS
 3.x pointer-array kernels on sm_90, 2.x GemmGrouped on sm_80) or fp32 of any size (CUTLASS 2.x SIMT). Offsets never leave the device there, so
 index checks that need their values (offsets, ids, inverse) run on the CPU only: on CUDA an id outside
@@ -49,10 +56,11 @@ def moe_permute(x: torch.Tensor, topk_ids: torch.Tensor,
     return torch.ops.llada.moe_permute(x, _int32_ids(topk_ids), num_experts)
 
 
-def moe_grouped_gemm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+def moe_grouped_gemm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, *,
+                     batch_invariant: bool = True) -> torch.Tensor:
     """[M, N]: rows offsets[g]:offsets[g+1] of a [M, K] times b[g]^T, b [E, N, K]."""
     require_kernels("moe_grouped_gemm")
-    return torch.ops.llada.moe_grouped_gemm(a, b, offsets)
+    return torch.ops.llada.moe_grouped_gemm(a, b, offsets, batch_invariant=batch_invariant)
 
 
 def moe_unpermute(y: torch.Tensor, inverse: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
@@ -62,13 +70,13 @@ def moe_unpermute(y: torch.Tensor, inverse: torch.Tensor, topk_weights: torch.Te
 
 
 def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w13: torch.Tensor,
-                w2: torch.Tensor) -> torch.Tensor:
+                w2: torch.Tensor, *, batch_invariant: bool = True) -> torch.Tensor:
     """The routed experts of a MoE layer, [T, H]: permute, x @ w13^T, SiLU(gate) * up, @ w2^T, unpermute."""
     num_experts, intermediate = _check_expert_weights(x, w13, w2)
     x_sorted, offsets, inverse = moe_permute(x, topk_ids, num_experts)
-    h = moe_grouped_gemm(x_sorted, w13, offsets)                        # [T*k, 2I]
+    h = moe_grouped_gemm(x_sorted, w13, offsets, batch_invariant=batch_invariant)   # [T*k, 2I]
     act = F.silu(h[:, :intermediate]) * h[:, intermediate:]             # [T*k, I]
-    y = moe_grouped_gemm(act, w2, offsets)                              # [T*k, H]
+    y = moe_grouped_gemm(act, w2, offsets, batch_invariant=batch_invariant)         # [T*k, H]
     return moe_unpermute(y, inverse, topk_weights)
 
 
@@ -177,7 +185,7 @@ if kernels_available():
         return torch.empty_like(y, memory_format=torch.contiguous_format), torch.empty_like(topk_weights)
 
     @torch.library.register_fake("llada::moe_grouped_gemm")
-    def _moe_grouped_gemm_fake(a, b, offsets):
+    def _moe_grouped_gemm_fake(a, b, offsets, *, batch_invariant=True):
         return a.new_empty((a.shape[0], b.shape[1]))
 
     @torch.library.register_fake("llada::moe_grouped_gemm_wgrad")
@@ -196,14 +204,14 @@ if kernels_available():
 
     torch.library.register_autograd("llada::moe_permute", _permute_backward, setup_context=_permute_setup)
 
-    def _grouped_gemm_setup(ctx, inputs, output):
+    def _grouped_gemm_setup(ctx, inputs, keyword_only_inputs, output):
         ctx.save_for_backward(*inputs)
 
     def _grouped_gemm_backward(ctx, grad):
         a, b, offsets = ctx.saved_tensors
         grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_a = torch.ops.llada.moe_grouped_gemm(grad, b.transpose(1, 2), offsets)
+            grad_a = torch.ops.llada.moe_grouped_gemm(grad, b.transpose(1, 2), offsets, batch_invariant=False)
         if ctx.needs_input_grad[1]:
             grad_b = torch.ops.llada.moe_grouped_gemm_wgrad(grad, a, offsets)
         return grad_a, grad_b, None

@@ -1,6 +1,7 @@
 """Loading a checkpoint tensor-parallel: each rank reads from the safetensors only its own slices.
 
-    model = load_sharded(path, group=None, dtype=None, device=None, backend="kernels", progress=None)
+    model = load_sharded(path, group=None, dtype=None, device=None, backend="kernels", progress=None,
+                         batch_invariant=True)
 
 `load_model(path, parallel="tp")` calls this. The model is built on the meta device with the full config,
 sharded there (shard.py), given storage for the rank's parts only, and filled through safetensors'
@@ -27,7 +28,7 @@ from .shard import parallelize
 
 def load_sharded(path: Union[str, Path], *, group: Optional[dist.ProcessGroup] = None,
                  dtype: Optional[torch.dtype] = None, device=None, backend: str = "kernels",
-                 progress: Optional[bool] = None) -> LLaDA2Model:
+                 progress: Optional[bool] = None, batch_invariant: bool = True) -> LLaDA2Model:
     group = require_group(group)
     path = resolve_checkpoint(path)
     if not path.is_dir():
@@ -39,7 +40,7 @@ def load_sharded(path: Union[str, Path], *, group: Optional[dist.ProcessGroup] =
         device = torch.device("cuda", torch.cuda.current_device())
     check_device(group, device)
     with torch.device("meta"):
-        model = LLaDA2Model(config, backend=backend)
+        model = LLaDA2Model(config, backend=backend, batch_invariant=batch_invariant)
     entries = list(release_tensors(model))                      # (release, full tensor, ours, index), full shapes
     full_shapes = {release: tuple(tensor[index].shape if index else tensor.shape)
                    for release, tensor, _, index in entries}

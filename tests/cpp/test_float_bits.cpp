@@ -1,5 +1,6 @@
-// bf16/fp16 decoding against exact references for every 16-bit pattern, the branch-free exp, and the
-// order-preserving float key used by radix selection.
+// bf16/fp16 decoding against exact references for every 16-bit pattern, fp16 encoding (round to nearest
+// even) at every half and every midpoint between halves, the branch-free exp, and the order-preserving
+// float key used by radix selection.
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -30,6 +31,27 @@ int main() {
     std::memcpy(&bits, &bf, 4);
     CHECK(bits == (h << 16));
   }
+
+  // fp16 encoding: every finite half back to itself; a midpoint to the even neighbour, a hair off it to the
+  // nearer one; 65520 (the midpoint to 2^16) and up to inf; NaN to a quiet NaN.
+  for (uint32_t h = 0; h < 0x7BFFu; ++h) {
+    for (const uint32_t s : {0u, 0x8000u}) {
+      const float v = llada::fp16_bits_to_float(static_cast<uint16_t>(h | s));
+      CHECK(llada::float_to_fp16_bits(v) == (h | s));
+      const float next = llada::fp16_bits_to_float(static_cast<uint16_t>((h + 1) | s));
+      const float mid = static_cast<float>((static_cast<double>(v) + next) / 2);
+      const uint32_t even = (h & 1u) ? h + 1 : h;
+      CHECK(llada::float_to_fp16_bits(mid) == (even | s));
+      CHECK(llada::float_to_fp16_bits(std::nextafter(mid, v)) == (h | s));
+      CHECK(llada::float_to_fp16_bits(std::nextafter(mid, next)) == ((h + 1) | s));
+    }
+  }
+  CHECK(llada::float_to_fp16_bits(65504.0f) == 0x7BFFu && llada::float_to_fp16_bits(65519.996f) == 0x7BFFu);
+  CHECK(llada::float_to_fp16_bits(65520.0f) == 0x7C00u);
+  CHECK(llada::float_to_fp16_bits(1e30f) == 0x7C00u && llada::float_to_fp16_bits(-1e30f) == 0xFC00u);
+  CHECK(llada::float_to_fp16_bits(std::numeric_limits<float>::infinity()) == 0x7C00u);
+  CHECK(llada::float_to_fp16_bits(std::numeric_limits<float>::quiet_NaN()) == 0x7E00u);
+  CHECK(llada::float_to_fp16_bits(1e-10f) == 0u && llada::float_to_fp16_bits(-1e-10f) == 0x8000u);
 
   double worst = 0.0;
   for (float x = -90.0f; x <= 0.0f; x += 0.00137f) {

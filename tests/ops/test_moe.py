@@ -392,7 +392,7 @@ def test_grouped_gemm_rejects_bad_input():
     with pytest.raises(TypeError, match="a and b"):
         moe_grouped_gemm(a, b.bfloat16(), offsets)
     with pytest.raises(TypeError, match="a"):
-        moe_grouped_gemm(a.half(), b.half(), offsets)
+        moe_grouped_gemm(a.double(), b.double(), offsets)
     with pytest.raises(ValueError, match="end at M"):
         torch.ops.llada.moe_grouped_gemm_wgrad(torch.randn(10, 5), a, torch.tensor([0, 4, 11], dtype=torch.int32))
 

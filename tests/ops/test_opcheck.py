@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from op_testing import DEVICES, registered_llada_ops
-from ops import test_block_attention, test_commit_tokens, test_moe
+from ops import test_block_attention, test_commit_tokens, test_linear, test_moe
 
 pytestmark = pytest.mark.kernels
 
-FAMILIES = [test_commit_tokens, test_moe, test_block_attention]
+FAMILIES = [test_commit_tokens, test_linear, test_moe, test_block_attention]
 
 
 def all_samples(device):

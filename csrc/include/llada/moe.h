@@ -82,10 +82,22 @@ struct MoeUnpermuteBackwardParams {
   int64_t rows = 0;                     // M = T * k; inverse must be a permutation of [0, M)
 };
 
+// The CPU instruction sets the batch-invariant GEMM may use: the best the machine has (AMX for bf16, else
+// AVX-512, else plain C++), or a lower one (tests run each path the machine can).
+enum class CpuIsa : int { kBest = 0, kAvx512 = 1, kPortable = 2 };
+
+// The cap set by the environment: LLADA_CPU_ISA=avx512|portable, else kBest.
+CpuIsa cpu_isa_from_env();
+
+// The path the batch-invariant CPU GEMM takes for `dtype` under the cap `isa` on this machine: "amx" (bf16
+// with K a multiple of 32 only; other K take "avx512"), "avx512" or "portable".
+const char* batch_invariant_gemm_cpu_path(DType dtype, CpuIsa isa);
+
 struct GroupedGemmParams {
   const void* a = nullptr;              // [M, K] contiguous
   const void* b = nullptr;              // [E, N, K] with the strides below (elements)
   const int32_t* offsets = nullptr;     // [E + 1], 0 = offsets[0] <= ... <= offsets[E] = M
+                                        // (CUDA: null means one group of all M rows, E = 1)
   void* c = nullptr;                    // [M, N] out, contiguous
   DType dtype = DType::kFloat32;        // of a, b and c; accumulation is fp32
 
@@ -96,6 +108,11 @@ struct GroupedGemmParams {
   int64_t b_stride_group = 0;
   int64_t b_stride_n = 0;
   int64_t b_stride_k = 1;
+  // Every row's result independent of the rows around it and of how many there are: one kernel and one
+  // reduction order per (dtype, K, B layout, machine). The CPU kernels are so always; false lets sm_90
+  // pick its tile shape by rows per group.
+  bool batch_invariant = true;
+  CpuIsa cpu_isa = CpuIsa::kBest;
 };
 
 struct GroupedGemmWgradParams {
@@ -113,7 +130,7 @@ struct GroupedGemmWgradParams {
 
 // C++ CPU kernels (OpenMP). kBadArgument: sizes outside the documented domain, an index out of
 // range or offsets that are not monotonic from 0 to M (outputs then unspecified); kNanInput: a NaN
-// router logit. Supported dtypes: fp32 and bf16 (route also reads fp16 logits).
+// router logit. Supported dtypes: fp32 and bf16 (route also reads fp16 logits; the grouped GEMMs take fp16).
 Status moe_route_cpu(const MoeRouteParams& p);
 Status moe_permute_cpu(const MoePermuteParams& p);
 Status moe_unpermute_cpu(const MoeUnpermuteParams& p);
