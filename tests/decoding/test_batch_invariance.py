@@ -13,6 +13,8 @@ import llada_engine
 from llada_engine.model.modules import RMSNorm, apply_rotary, rotary_tables
 from llada_engine.ops import commit_tokens, linear, moe_experts, moe_grouped_gemm, moe_route
 
+pytestmark = pytest.mark.kernels
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 ROWS = [1, 2, 3, 5, 16, 17, 33, 100]
 

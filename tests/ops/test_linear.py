@@ -11,6 +11,8 @@ import llada_engine
 from llada_engine.ops import linear, linear_ref
 from op_testing import DEVICES, assert_close_to_reference
 
+pytestmark = pytest.mark.kernels
+
 CPU_ISAS = ["best", "avx512", "portable"]
 # Row counts around the CPU tiles (4 rows; AMX 16 and 32) and past a work item (AMX 256 rows; the dot-product
 # path 256 KB of fp32 A rows: 128 rows at K = 512).
