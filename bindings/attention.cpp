@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "llada/attention.h"
+#include "validation.h"
 
 #ifdef LLADA_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -44,21 +45,15 @@ llada::AttentionMask parse_mask(const std::string& mask) {
 // The last dimension contiguous; rows and heads may be strided (e.g. q, k, v sliced from a fused qkv).
 Tensor unit_last_stride(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
-void check_same_device(const char* op, std::initializer_list<std::pair<const char*, const Tensor*>> tensors) {
-  const auto& first = *tensors.begin();
-  for (const auto& [name, t] : tensors)
-    TORCH_CHECK_VALUE(t->device() == first.second->device(), op, ": ", name, " is on ", t->device(), " but ",
-                      first.first, " is on ", first.second->device());
-}
+using llada::bindings::check_same_device;
 
 // Checks one cu_seqlens: int32 [S + 1], 0 first, non-decreasing, `total` last; returns the longest length.
-// `host` is cu on the CPU.
+// `host` is cu on the CPU. The entry points pass cu_seqlens made contiguous, as the kernels read them.
 int64_t check_cu_seqlens(const Tensor& cu, const Tensor& host, const char* name, int64_t S, int64_t total) {
   TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, "block_attention: ", name, " must be int32, got ", cu.scalar_type());
   TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) == S + 1, "block_attention: ", name, " must be [S + 1] = [", S + 1,
                     "] like cu_seqlens_q, got shape ", cu.sizes());
-  TORCH_CHECK_VALUE(cu.is_contiguous(), "block_attention: ", name, " must be contiguous");
-  const int32_t* c = host.data_ptr<int32_t>();
+  const llada::bindings::HostValues<int32_t> c(host);
   TORCH_CHECK_VALUE(c[0] == 0, "block_attention: ", name, "[0] must be 0, got ", c[0]);
   int64_t longest = 0;
   for (int64_t s = 0; s < S; ++s) {
@@ -88,7 +83,7 @@ llada::BlockAttentionParams make_params(const Tensor& q, const Tensor& k, const 
   TORCH_CHECK_VALUE(D >= 1 && Hkv >= 1, op, ": k must have at least one head and D >= 1, got shape ", k.sizes());
   TORCH_CHECK_VALUE(Hq % Hkv == 0, op, ": the heads of q (", Hq, ") must be a multiple of the heads of k (", Hkv, ")");
   TORCH_CHECK_VALUE(block_size >= 1, op, ": block_size must be >= 1, got ", block_size);
-  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), op, ": softmax_scale must be finite, got ", softmax_scale);
+  llada::bindings::check_float32_finite(op, "softmax_scale", softmax_scale);
   TORCH_CHECK_VALUE(cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) >= 1, op,
                     ": cu_seqlens_q must be [S + 1] with S >= 0, got shape ", cu_seqlens_q.sizes());
   TORCH_CHECK_VALUE(!q.is_cuda() || D == 64 || D == 128, op, ": the head dim of q must be 64 or 128 on CUDA, got ", D);
@@ -100,10 +95,11 @@ llada::BlockAttentionParams make_params(const Tensor& q, const Tensor& k, const 
                     ") is below the longest query sequence (", longest_q, ")");
   TORCH_CHECK_VALUE(max_seqlen_k >= longest_k, op, ": max_seqlen_k (", max_seqlen_k,
                     ") is below the longest key sequence (", longest_k, ")");
+  llada::bindings::check_int32_range(op, "max_seqlen_q", max_seqlen_q);
+  llada::bindings::check_int32_range(op, "max_seqlen_k", max_seqlen_k);
   const llada::AttentionMask kind = parse_mask(mask);
   if (kind == llada::AttentionMask::kBd3) {
-    const int32_t* cq = cu_q_host.data_ptr<int32_t>();
-    const int32_t* ck = cu_k_host.data_ptr<int32_t>();
+    const llada::bindings::HostValues<int32_t> cq(cu_q_host), ck(cu_k_host);
     for (int64_t s = 0; s < S; ++s) {
       const int64_t lq = cq[s + 1] - cq[s], lk = ck[s + 1] - ck[s];
       TORCH_CHECK_VALUE(lq == lk && lq % 2 == 0, op, ": mask \"bd3\" needs [x_t | x_0] sequences of even length "
@@ -171,9 +167,10 @@ std::tuple<Tensor, Tensor> block_attention_fwd(const Tensor& q_in, const Tensor&
                                                const std::string& mask, double softmax_scale,
                                                const std::string& kernel) {
   const Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  const Tensor cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
   const llada::AttentionKernel which = parse_kernel(kernel, q);
   llada::BlockAttentionParams p =
-      make_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, mask, softmax_scale);
+      make_params(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, block_size, mask, softmax_scale);
   Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
   p.out = out.data_ptr();
@@ -199,9 +196,10 @@ std::tuple<Tensor, Tensor, Tensor> block_attention_bwd(
     const std::string& kernel) {
   const char* op = "block_attention_bwd";
   const Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  const Tensor cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
   const llada::AttentionKernel which = parse_kernel(kernel, q);
   llada::BlockAttentionBwdParams p;
-  p.fwd = make_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, mask, softmax_scale);
+  p.fwd = make_params(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, block_size, mask, softmax_scale);
   TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), op,
                     ": dout and out must have the shape of q ", q.sizes(), ", got ", dout.sizes(), " and ", out.sizes());
   TORCH_CHECK_TYPE(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), op,
@@ -280,7 +278,7 @@ void check_decode_args(const Tensor& q, const Tensor& k_cache, const Tensor& v_c
     TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), op, ": ", name, " must have the dtype of q (",
                      q.scalar_type(), "), got ", t->scalar_type());
   TORCH_CHECK_VALUE(!q.is_cuda() || D == 64 || D == 128, op, ": the head dim of q must be 64 or 128 on CUDA, got ", D);
-  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), op, ": softmax_scale must be finite, got ", softmax_scale);
+  llada::bindings::check_float32_finite(op, "softmax_scale", softmax_scale);
 }
 
 // cache_seqlens on the host, each checked to lie in [0, Smax].

@@ -12,6 +12,7 @@
 #include <tuple>
 
 #include "llada/moe.h"
+#include "validation.h"
 
 #ifdef LLADA_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -55,8 +56,7 @@ void check_int32(const Tensor& t, const char* op, const char* name) {
 }
 
 void check_same_device(const Tensor& a, const Tensor& b, const char* op, const char* name_a, const char* name_b) {
-  TORCH_CHECK_VALUE(a.device() == b.device(), op, ": ", name_a, " and ", name_b, " must be on one device, got ",
-                    a.device(), " and ", b.device());
+  llada::bindings::check_same_device(op, {{name_a, &a}, {name_b, &b}});
 }
 
 void check_status(llada::Status s, const char* op, const char* what) {
@@ -64,14 +64,14 @@ void check_status(llada::Status s, const char* op, const char* what) {
   TORCH_CHECK(s == llada::Status::kOk, op, ": ", llada::status_string(s));
 }
 
-// offsets int32 [E + 1]: 0 at the start, non-decreasing, `m` at the end (values read on the CPU only).
+// offsets int32 [E + 1]: 0 at the start, non-decreasing, `m` at the end (values read on the CPU only,
+// through their stride).
 void check_offsets(const Tensor& offsets, int64_t groups, int64_t m, const char* op) {
   check_int32(offsets, op, "offsets");
   TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) == groups + 1, op, ": offsets must be [E + 1] = [",
                     groups + 1, "], got shape ", offsets.sizes());
   if (offsets.is_cuda()) return;
-  const Tensor o = offsets.cpu();
-  const int32_t* v = o.data_ptr<int32_t>();
+  const llada::bindings::HostValues<int32_t> v(offsets);
   TORCH_CHECK_VALUE(v[0] == 0, op, ": offsets must start at 0, got ", v[0]);
   for (int64_t g = 0; g < groups; ++g)
     TORCH_CHECK_VALUE(v[g + 1] >= v[g], op, ": offsets must be non-decreasing, got offsets[", g, "] = ", v[g],
@@ -102,8 +102,7 @@ std::tuple<Tensor, Tensor> moe_route(const Tensor& router_logits, const std::opt
   TORCH_CHECK_VALUE(top_k >= 1 && top_k <= E, op, ": top_k must be in [1, E] = [1, ", E, "], got ", top_k);
   TORCH_CHECK_VALUE(top_k <= topk_group * (E / n_group), op, ": top_k = ", top_k,
                     " exceeds the experts of the kept groups, topk_group * E / n_group = ", topk_group * (E / n_group));
-  TORCH_CHECK_VALUE(std::isfinite(routed_scaling_factor), op, ": routed_scaling_factor must be finite, got ",
-                    routed_scaling_factor);
+  llada::bindings::check_float32_finite(op, "routed_scaling_factor", routed_scaling_factor);
   Tensor logits = router_logits.contiguous();
   Tensor bias;
   if (expert_bias.has_value()) {
@@ -149,7 +148,7 @@ std::tuple<Tensor, Tensor, Tensor> moe_permute(const Tensor& x, const Tensor& to
   check_int32(topk_ids, op, "topk_ids");
   check_same_device(x, topk_ids, op, "x", "topk_ids");
   TORCH_CHECK_VALUE(topk_ids.size(1) >= 1, op, ": topk_ids must have k >= 1 columns");
-  TORCH_CHECK_VALUE(num_experts >= 1, op, ": num_experts must be >= 1, got ", num_experts);
+  llada::bindings::check_int32_range(op, "num_experts", num_experts, 1);
   const int64_t T = x.size(0), H = x.size(1), k = topk_ids.size(1);
   TORCH_CHECK_VALUE(T * k <= INT32_MAX, op, ": T * k must fit in int32, got ", T * k);
   llada::MoePermuteParams p;
@@ -176,7 +175,12 @@ std::tuple<Tensor, Tensor, Tensor> moe_permute(const Tensor& x, const Tensor& to
 #endif
     return {x_sorted, offsets, inverse};
   }
-  check_status(llada::moe_permute_cpu(p), op, "topk_ids must lie in [0, num_experts)");
+  const llada::Status s = llada::moe_permute_cpu(p);
+  const int32_t* v = ids.data_ptr<int32_t>();
+  for (int64_t i = 0; s == llada::Status::kBadArgument && i < T * k; ++i)
+    TORCH_CHECK_VALUE(v[i] >= 0 && v[i] < num_experts, op, ": topk_ids must lie in [0, num_experts = ", num_experts,
+                      "), got topk_ids[", i / k, ", ", i % k, "] = ", v[i]);
+  check_status(s, op, "topk_ids must lie in [0, num_experts)");
   return {x_sorted, offsets, inverse};
 }
 

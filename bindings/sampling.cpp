@@ -4,9 +4,11 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <string>
 #include <tuple>
 
 #include "llada/sampling.h"
+#include "validation.h"
 
 #ifdef LLADA_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -28,6 +30,24 @@ llada::DType logits_dtype(const Tensor& logits) {
   }
 }
 
+std::string temperature_too_small(double temperature) {
+  return c10::str("commit_tokens: temperature = ", temperature, " is too small for these logits: logits / temperature ",
+                  "overflows float32 (temperature 0 decodes greedily)");
+}
+
+// The error of a row the kernel could propose nothing from (kNanInput): NaN logits, a row whose maximum is
+// not finite, or else a temperature so small that logits / temperature overflows float32.
+[[noreturn]] void raise_non_finite(const Tensor& logits, double temperature) {
+  TORCH_CHECK_VALUE(!at::isnan(logits).any().item<bool>(), "commit_tokens: logits contain NaN");
+  const Tensor bad = at::isfinite(at::amax(logits, -1)).logical_not();
+  if (bad.any().item<bool>()) {
+    const Tensor where = bad.nonzero()[0].cpu();
+    TORCH_CHECK_VALUE(false, "commit_tokens: logits[", where[0].item<int64_t>(), ", ", where[1].item<int64_t>(),
+                      "] has no finite maximum (a +inf logit, or every logit -inf)");
+  }
+  TORCH_CHECK_VALUE(false, temperature_too_small(temperature));
+}
+
 llada::CommitTokensParams make_params(const Tensor& tokens, const Tensor& logits, const Tensor& min_commit,
                                       int64_t mask_id, double threshold, double temperature, int64_t top_k,
                                       double top_p, int64_t seed, int64_t offset) {
@@ -43,9 +63,8 @@ llada::CommitTokensParams make_params(const Tensor& tokens, const Tensor& logits
   TORCH_CHECK_VALUE(V >= 1, "commit_tokens: logits must have a vocabulary of at least 1, got V = ", V);
   TORCH_CHECK_VALUE(min_commit.dim() == 1 && min_commit.size(0) == B,
                     "commit_tokens: min_commit must be [B] = [", B, "], got shape ", min_commit.sizes());
-  TORCH_CHECK_VALUE(tokens.device() == logits.device() && min_commit.device() == logits.device(),
-                    "commit_tokens: tokens, logits and min_commit must be on one device, got ", tokens.device(),
-                    ", ", logits.device(), ", ", min_commit.device());
+  llada::bindings::check_same_device("commit_tokens",
+                                     {{"tokens", &tokens}, {"logits", &logits}, {"min_commit", &min_commit}});
   TORCH_CHECK_VALUE(tokens.is_contiguous(), "commit_tokens: tokens must be contiguous");
   TORCH_CHECK_VALUE(logits.is_contiguous(), "commit_tokens: logits must be contiguous");
   TORCH_CHECK_VALUE(min_commit.is_contiguous(), "commit_tokens: min_commit must be contiguous");
@@ -53,8 +72,9 @@ llada::CommitTokensParams make_params(const Tensor& tokens, const Tensor& logits
                     "), got ", mask_id);
   TORCH_CHECK_VALUE(threshold >= 0.0 && threshold <= 1.0, "commit_tokens: threshold must be in [0, 1], got ",
                     threshold);
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature >= 0.0,
-                    "commit_tokens: temperature must be finite and >= 0, got ", temperature);
+  TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(temperature)) && temperature >= 0.0,
+                    "commit_tokens: temperature must be finite and >= 0 (in float32), got ", temperature);
+  TORCH_CHECK_VALUE(temperature == 0.0 || static_cast<float>(temperature) > 0.0f, temperature_too_small(temperature));
   TORCH_CHECK_VALUE(top_k >= 0, "commit_tokens: top_k must be >= 0, got ", top_k);
   TORCH_CHECK_VALUE(top_p > 0.0 && top_p <= 1.0, "commit_tokens: top_p must be in (0, 1], got ", top_p);
 
@@ -95,8 +115,7 @@ std::tuple<Tensor, Tensor, Tensor> commit_tokens_inplace(Tensor tokens, const Te
       TORCH_CHECK_VALUE(min_value >= 0, "commit_tokens: min_commit must be >= 0, got ", min_value);
     }
     const llada::Status s = llada::commit_tokens_cpu(p);
-    TORCH_CHECK_VALUE(s != llada::Status::kNanInput,
-                      "commit_tokens: logits contain NaN (or a row with no finite maximum)");
+    if (s == llada::Status::kNanInput) raise_non_finite(logits, temperature);
     TORCH_CHECK(s == llada::Status::kOk, "commit_tokens: ", llada::status_string(s));
   } else {
 #ifdef LLADA_WITH_CUDA

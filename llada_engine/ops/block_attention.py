@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from .._extension import kernels_available, require_kernels
+from .checks import check_same_device
 
 MASKS = ("block_causal", "bd3")
 
@@ -157,15 +158,21 @@ if kernels_available():
     @torch.library.register_fake("llada::block_attention_fwd")
     def _block_attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, block_size,
                                   mask, softmax_scale, kernel="auto"):
+        check_same_device("block_attention", q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
         return (q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32))
 
     @torch.library.register_fake("llada::block_attention_bwd")
     def _block_attention_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                   max_seqlen_k, *, block_size, mask, softmax_scale, kernel="auto"):
+        check_same_device("block_attention_bwd", q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                          dout=dout, out=out, lse=lse, dlse=dlse)
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     @torch.library.register_fake("llada::block_attention_decode")
     def _block_attention_decode_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, *, softmax_scale):
+        check_same_device("block_attention_decode", q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new)
+        if cache_seqlens.device.type != "cpu":
+            check_same_device("block_attention_decode", q=q, cache_seqlens=cache_seqlens)
         return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
     def _setup_context(ctx, inputs, keyword_only_inputs, output):

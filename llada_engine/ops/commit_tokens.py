@@ -21,6 +21,7 @@ from typing import NamedTuple, Union
 import torch
 
 from .._extension import kernels_available, require_kernels
+from .checks import INT32_MAX, check_int_values, check_same_device
 from .philox import commit_uniform
 
 
@@ -32,24 +33,62 @@ class CommitResult(NamedTuple):
 
 
 def _min_commit_tensor(min_commit: Union[int, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    """min_commit as the int32 [B] tensor the kernels take, on the device of tokens (checked first, so that an
+    error names the argument at fault). int64 values are never wrapped: on the CPU a value outside
+    [0, 2^31 - 1] is an error; on CUDA (no host read) it is clamped there, which commits the same."""
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"commit_tokens: tokens must be an int64 tensor [B, L], got {type(tokens).__name__}")
+    if tokens.dim() != 2:
+        raise ValueError(f"commit_tokens: tokens must be [B, L], got shape {list(tokens.shape)}")
     if isinstance(min_commit, torch.Tensor):
+        check_same_device("commit_tokens", tokens=tokens, min_commit=min_commit)
         if min_commit.dim() != 1 or min_commit.shape[0] != tokens.shape[0]:
-            raise ValueError(f"min_commit must be an int or a tensor of shape [B] = [{tokens.shape[0]}], "
-                             f"got shape {list(min_commit.shape)}")
-        return min_commit.to(device=tokens.device, dtype=torch.int32).contiguous()
+            raise ValueError(f"commit_tokens: min_commit must be an int or a tensor of shape [B] = "
+                             f"[{tokens.shape[0]}], got shape {list(min_commit.shape)}")
+        if min_commit.dtype == torch.int64:
+            if min_commit.device.type == "cpu":
+                check_int_values("commit_tokens", "min_commit", min_commit, 0, INT32_MAX, "[0, 2^31 - 1]")
+            else:
+                min_commit = min_commit.clamp(0, INT32_MAX)
+            min_commit = min_commit.int()
+        return min_commit.contiguous()
     if isinstance(min_commit, bool) or not isinstance(min_commit, int):
-        raise TypeError(f"min_commit must be an int or an int32 tensor, got {type(min_commit).__name__}")
-    if min_commit < 0:
-        raise ValueError(f"min_commit must be >= 0, got {min_commit}")
+        raise TypeError(f"commit_tokens: min_commit must be an int or an int32 tensor, got "
+                        f"{type(min_commit).__name__}")
+    if not 0 <= min_commit <= INT32_MAX:
+        raise ValueError(f"commit_tokens: min_commit must be in [0, 2^31 - 1], got {min_commit}")
     return torch.full((tokens.shape[0],), min_commit, dtype=torch.int32, device=tokens.device)
 
 
-def _raise_if_nan(confidence: torch.Tensor) -> None:
+def _philox_word(name: str, value: int) -> int:
+    """seed or offset as the int64 the op takes. Both are 64-bit Philox words: any int in [-2^63, 2^64)
+    names one (a negative value by its two's complement, as the reference takes it modulo 2^64)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"commit_tokens: {name} must be an int, got {type(value).__name__}")
+    if not -2**63 <= value < 2**64:
+        raise ValueError(f"commit_tokens: {name} must be in [-2^63, 2^64) (a 64-bit Philox word), got {value}")
+    return value - 2**64 if value >= 2**63 else value
+
+
+def _non_finite_error(logits: torch.Tensor, temperature: float) -> ValueError:
+    """The error of a row nothing can be proposed from: NaN logits, a row whose maximum is not finite, or
+    else a temperature so small that logits / temperature overflows float32."""
+    if torch.isnan(logits).any():
+        return ValueError("commit_tokens: logits contain NaN")
+    bad = ~torch.isfinite(logits.amax(-1))
+    if bad.any():
+        b, l = (int(i) for i in bad.nonzero()[0])
+        return ValueError(f"commit_tokens: logits[{b}, {l}] has no finite maximum (a +inf logit, or every logit -inf)")
+    return ValueError(f"commit_tokens: temperature = {temperature} is too small for these logits: logits / "
+                      f"temperature overflows float32 (temperature 0 decodes greedily)")
+
+
+def _raise_if_nan(confidence: torch.Tensor, logits: torch.Tensor, temperature: float) -> None:
     # The CPU kernel raises itself; a CUDA kernel marks NaN rows with a NaN confidence instead of
     # synchronising, so the check costs one sync here and is skipped while a CUDA graph is captured.
     if confidence.is_cuda and not torch.cuda.is_current_stream_capturing():
         if torch.isnan(confidence).any():
-            raise ValueError("commit_tokens: logits contain NaN (or a row with no finite maximum)")
+            raise _non_finite_error(logits, temperature)
 
 
 def commit_tokens(tokens: torch.Tensor, logits: torch.Tensor, *, mask_id: int, threshold: float,
@@ -59,8 +98,9 @@ def commit_tokens(tokens: torch.Tensor, logits: torch.Tensor, *, mask_id: int, t
     require_kernels("commit_tokens")
     result = CommitResult(*torch.ops.llada.commit_tokens(
         tokens, logits, _min_commit_tensor(min_commit, tokens), mask_id=mask_id, threshold=threshold,
-        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, offset=offset))
-    _raise_if_nan(result.confidence)
+        temperature=temperature, top_k=top_k, top_p=top_p, seed=_philox_word("seed", seed),
+        offset=_philox_word("offset", offset)))
+    _raise_if_nan(result.confidence, logits, temperature)
     return result
 
 
@@ -71,8 +111,9 @@ def commit_tokens_(tokens: torch.Tensor, logits: torch.Tensor, *, mask_id: int, 
     require_kernels("commit_tokens_")
     committed, confidence, candidates = torch.ops.llada.commit_tokens_(
         tokens, logits, _min_commit_tensor(min_commit, tokens), mask_id=mask_id, threshold=threshold,
-        temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, offset=offset)
-    _raise_if_nan(confidence)
+        temperature=temperature, top_k=top_k, top_p=top_p, seed=_philox_word("seed", seed),
+        offset=_philox_word("offset", offset))
+    _raise_if_nan(confidence, logits, temperature)
     return CommitResult(tokens, committed, confidence, candidates)
 
 
@@ -95,7 +136,7 @@ def _propose_ref(logits: torch.Tensor, temperature: float, top_k: int, top_p: fl
     if temperature > 0:
         z = z / temperature
     if torch.isnan(z).any() or not torch.isfinite(z.amax(-1)).all():
-        raise ValueError("commit_tokens: logits contain NaN (or a row with no finite maximum)")
+        raise _non_finite_error(logits, temperature)
     if 0 < top_k < V:
         kth = torch.topk(z, top_k, dim=-1).values[..., -1:]
         z = z.masked_fill(z < kth, float("-inf"))
@@ -134,11 +175,13 @@ if kernels_available():
     @torch.library.register_fake("llada::commit_tokens")
     def _commit_tokens_fake(tokens, logits, min_commit, *, mask_id, threshold, temperature, top_k, top_p,
                             seed, offset):
+        check_same_device("commit_tokens", tokens=tokens, logits=logits, min_commit=min_commit)
         return (torch.empty_like(tokens), torch.empty_like(tokens, dtype=torch.bool),
                 torch.empty_like(tokens, dtype=torch.float32), torch.empty_like(tokens))
 
     @torch.library.register_fake("llada::commit_tokens_")
     def _commit_tokens_inplace_fake(tokens, logits, min_commit, *, mask_id, threshold, temperature, top_k,
                                     top_p, seed, offset):
+        check_same_device("commit_tokens", tokens=tokens, logits=logits, min_commit=min_commit)
         return (torch.empty_like(tokens, dtype=torch.bool), torch.empty_like(tokens, dtype=torch.float32),
                 torch.empty_like(tokens))

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from .._extension import kernels_available, require_kernels
+from .checks import check_int_values, check_same_device
 
 
 def moe_route(router_logits: torch.Tensor, expert_bias: torch.Tensor, *, top_k: int, n_group: int,
@@ -46,7 +47,7 @@ def moe_permute(x: torch.Tensor, topk_ids: torch.Tensor,
                 num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows of x [T, H] in expert order: (x_sorted [T*k, H], offsets int32 [E+1], inverse int32 [T*k])."""
     require_kernels("moe_permute")
-    return torch.ops.llada.moe_permute(x, _int32_ids(topk_ids), num_experts)
+    return torch.ops.llada.moe_permute(x, _int32_ids(topk_ids, num_experts), num_experts)
 
 
 def moe_grouped_gemm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -65,6 +66,7 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
                 w2: torch.Tensor) -> torch.Tensor:
     """The routed experts of a MoE layer, [T, H]: permute, x @ w13^T, SiLU(gate) * up, @ w2^T, unpermute."""
     num_experts, intermediate = _check_expert_weights(x, w13, w2)
+    _check_routing(x, topk_ids, topk_weights)
     x_sorted, offsets, inverse = moe_permute(x, topk_ids, num_experts)
     h = moe_grouped_gemm(x_sorted, w13, offsets)                        # [T*k, 2I]
     act = F.silu(h[:, :intermediate]) * h[:, intermediate:]             # [T*k, I]
@@ -72,11 +74,27 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     return moe_unpermute(y, inverse, topk_weights)
 
 
-def _int32_ids(topk_ids: torch.Tensor) -> torch.Tensor:
-    return topk_ids.int() if topk_ids.dtype == torch.int64 else topk_ids
+def _int32_ids(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 expert ids as the int32 ids the kernels take, never wrapped: on the CPU an id outside
+    [0, num_experts) is an error, as it is in int32; on CUDA, where ids are not read on the host, it becomes
+    -1, which (like every id outside [0, num_experts) there) is counted nowhere."""
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int):
+        raise TypeError(f"moe_permute: num_experts must be an int, got {type(num_experts).__name__}")
+    if num_experts < 1:
+        raise ValueError(f"moe_permute: num_experts must be >= 1, got {num_experts}")
+    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dtype != torch.int64:
+        return topk_ids
+    if topk_ids.device.type == "cpu":
+        check_int_values("moe_permute", "topk_ids", topk_ids, 0, num_experts - 1,
+                         f"[0, num_experts) = [0, {num_experts})")
+        return topk_ids.int()
+    return torch.where((topk_ids >= 0) & (topk_ids < num_experts), topk_ids, -1).int()
 
 
 def _check_expert_weights(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> tuple[int, int]:
+    for name, t in (("x", x), ("w13", w13), ("w2", w2)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"moe_experts: {name} must be a tensor, got {type(t).__name__}")
     if x.dim() != 2:
         raise ValueError(f"moe_experts: x must be [T, H], got shape {list(x.shape)}")
     H = x.shape[1]
@@ -85,7 +103,28 @@ def _check_expert_weights(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) 
     E, I = w13.shape[0], w13.shape[1] // 2
     if w2.shape != (E, H, I):
         raise ValueError(f"moe_experts: w2 must be [E, H, I] = [{E}, {H}, {I}], got shape {list(w2.shape)}")
+    check_same_device("moe_experts", x=x, w13=w13, w2=w2)
+    for name, w in (("w13", w13), ("w2", w2)):
+        if w.dtype != x.dtype:
+            raise TypeError(f"moe_experts: {name} must have the dtype of x ({x.dtype}), got {w.dtype}")
     return E, I
+
+
+def _check_routing(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
+    for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"moe_experts: {name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 2 or t.shape[0] != x.shape[0] or t.shape[1] < 1:
+            raise ValueError(f"moe_experts: {name} must be [T, k] with T = {x.shape[0]} and k >= 1, got shape "
+                             f"{list(t.shape)}")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"moe_experts: topk_weights must have the shape of topk_ids {list(topk_ids.shape)}, got "
+                         f"{list(topk_weights.shape)}")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"moe_experts: topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    if topk_weights.dtype != torch.float32:
+        raise TypeError(f"moe_experts: topk_weights must be float32, got {topk_weights.dtype}")
+    check_same_device("moe_experts", x=x, topk_ids=topk_ids, topk_weights=topk_weights)
 
 
 # ---- references --------------------------------------------------------------------------------------
@@ -158,30 +197,36 @@ if kernels_available():
     @torch.library.register_fake("llada::moe_route")
     def _moe_route_fake(router_logits, expert_bias, *, top_k, n_group, topk_group, routed_scaling_factor,
                         norm_topk_prob=True):
+        check_same_device("moe_route", router_logits=router_logits, expert_bias=expert_bias)
         T = router_logits.shape[0]
         return (router_logits.new_empty((T, top_k), dtype=torch.int32),
                 router_logits.new_empty((T, top_k), dtype=torch.float32))
 
     @torch.library.register_fake("llada::moe_permute")
     def _moe_permute_fake(x, topk_ids, num_experts):
+        check_same_device("moe_permute", x=x, topk_ids=topk_ids)
         rows = topk_ids.shape[0] * topk_ids.shape[1]
         return (x.new_empty((rows, x.shape[1])), topk_ids.new_empty((num_experts + 1,)),
                 topk_ids.new_empty((rows,)))
 
     @torch.library.register_fake("llada::moe_unpermute")
     def _moe_unpermute_fake(y, inverse, topk_weights):
+        check_same_device("moe_unpermute", y=y, inverse=inverse, topk_weights=topk_weights)
         return y.new_empty((topk_weights.shape[0], y.shape[1]))
 
     @torch.library.register_fake("llada::moe_unpermute_backward")
     def _moe_unpermute_backward_fake(grad_out, y, inverse, topk_weights):
+        check_same_device("moe_unpermute_backward", y=y, inverse=inverse, topk_weights=topk_weights, grad_out=grad_out)
         return torch.empty_like(y, memory_format=torch.contiguous_format), torch.empty_like(topk_weights)
 
     @torch.library.register_fake("llada::moe_grouped_gemm")
     def _moe_grouped_gemm_fake(a, b, offsets):
+        check_same_device("moe_grouped_gemm", a=a, b=b, offsets=offsets)
         return a.new_empty((a.shape[0], b.shape[1]))
 
     @torch.library.register_fake("llada::moe_grouped_gemm_wgrad")
     def _moe_grouped_gemm_wgrad_fake(grad_out, a, offsets):
+        check_same_device("moe_grouped_gemm_wgrad", a=a, grad_out=grad_out, offsets=offsets)
         return a.new_empty((offsets.shape[0] - 1, grad_out.shape[1], a.shape[1]))
 
     def _permute_setup(ctx, inputs, output):

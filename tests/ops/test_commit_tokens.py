@@ -188,7 +188,7 @@ def test_negative_infinity_logits_are_fine(device, V):
     (dict(top_p=1.2), r"top_p must be in \(0, 1\]"),
     (dict(top_k=-1), "top_k must be >= 0"),
     (dict(temperature=-0.5), "temperature must be finite and >= 0"),
-    (dict(min_commit=-1), "min_commit must be >= 0"),
+    (dict(min_commit=-1), r"min_commit must be in \[0, 2\^31 - 1\], got -1"),
     (dict(min_commit=torch.ones(3, dtype=torch.int32)), r"min_commit must be an int or a tensor of shape \[B\]"),
     (dict(min_commit=1.5), "min_commit must be an int"),
 ])
