@@ -341,6 +341,8 @@ def test_route_rejects_bad_configuration():
         moe_route(logits, bias.double(), **kw)
     with pytest.raises(TypeError, match="router_logits"):
         moe_route(logits.int(), bias, **kw)
+    with pytest.raises(ValueError, match=r"routed_scaling_factor must be finite in float32"):
+        moe_route(logits, bias, **dict(kw, routed_scaling_factor=1e39))
     logits[1, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
         moe_route(logits, bias, **kw)
@@ -358,6 +360,16 @@ def test_permute_and_unpermute_reject_bad_input():
         moe_permute(x, ids[:3], 4)
     with pytest.raises(TypeError, match="topk_ids"):
         torch.ops.llada.moe_permute(x, ids.float(), 4)
+    with pytest.raises(ValueError, match=r"topk_ids must lie in \[0, num_experts = 4\), got topk_ids\[1, 0\] = 7"):
+        torch.ops.llada.moe_permute(x, torch.tensor([[0, 1], [7, 2], [0, 0], [1, 1], [2, 2]], dtype=torch.int32), 4)
+    wide = ids.long()
+    wide[3, 1] = 2**32 + 1  # would wrap to expert 1
+    with pytest.raises(ValueError, match=r"topk_ids\[3, 1\] = 4294967297 is outside \[0, num_experts\) = \[0, 4\)"):
+        moe_permute(x, wide, 4)
+    with pytest.raises(ValueError, match=r"num_experts must be in \[1, 2\^31 - 1\], got 4294967297"):
+        torch.ops.llada.moe_permute(x, ids, 2**32 + 1)
+    with pytest.raises(TypeError, match="num_experts must be an int"):
+        moe_permute(x, ids.long(), 4.0)
     _, _, inverse = moe_permute(x, ids, 4)
     y, w = torch.randn(10, 4), torch.rand(5, 2)
     with pytest.raises(ValueError, match="inverse"):
@@ -401,6 +413,24 @@ def test_experts_rejects_bad_weights():
         moe_experts(x, ids, weights, w13[:, :15], w2)
     with pytest.raises(ValueError, match="w2"):
         moe_experts(x, ids, weights, w13, w2[:, :, :7])
+    with pytest.raises(TypeError, match=r"moe_experts: w13 must have the dtype of x \(torch.bfloat16\), got torch.float32"):
+        moe_experts(x.bfloat16(), ids, weights, w13, w2)
+    with pytest.raises(TypeError, match=r"moe_experts: w2 must have the dtype of x"):
+        moe_experts(x, ids, weights, w13, w2.bfloat16())
+    with pytest.raises(TypeError, match=r"moe_experts: topk_weights must be float32"):
+        moe_experts(x, ids, weights.bfloat16(), w13, w2)
+    with pytest.raises(ValueError, match=r"moe_experts: topk_ids must be \[T, k\] with T = 4"):
+        moe_experts(x, ids[:3], weights, w13, w2)
+    with pytest.raises(ValueError, match=r"moe_experts: topk_weights must have the shape of topk_ids"):
+        moe_experts(x, ids, weights[:, :1], w13, w2)
+
+
+@pytest.mark.gpu
+def test_int64_ids_outside_the_experts_count_nowhere_on_cuda():
+    x = torch.randn(3, 8, device="cuda")
+    ids = torch.tensor([[0, 1], [2**32 + 1, 1], [1, -5]], device="cuda")
+    _, offsets, _ = moe_permute(x, ids, 2)
+    assert offsets.tolist() == [0, 1, 4]
 
 
 def opcheck_samples(device):

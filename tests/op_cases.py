@@ -1,0 +1,290 @@
+"""One small valid call of every `torch.ops.llada` op and of every public op wrapper, with its reference:
+the tests of devices, of index tensors' strides and the fuzz test share them.
+
+A case is a fresh set of random arguments by name (`args`: positional, in order; `kwargs`: keyword-only),
+the op, and a reference called the same way that returns what the op must return. `index` names the
+arguments whose values the binding or kernel reads as indices, each with values that are invalid.
+"""
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from llada_engine import ops
+
+
+@dataclass
+class OpCase:
+    name: str
+    op: Callable[..., Any]
+    args: dict[str, Any]
+    kwargs: dict[str, Any]
+    ref: Optional[Callable[..., Any]]
+    index: dict[str, torch.Tensor] = field(default_factory=dict)  # index argument -> invalid values
+
+    def call(self, fn=None, **changes):
+        """fn (default: the op) on the case's arguments, with `changes` replacing arguments by name."""
+        args = {k: changes.get(k, v) for k, v in self.args.items()}
+        kwargs = {k: changes.get(k, v) for k, v in self.kwargs.items()}
+        return (fn or self.op)(*args.values(), **kwargs)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in {**self.args, **self.kwargs}.items() if isinstance(v, torch.Tensor)}
+
+
+def assert_same_result(result, expected, *, name: str = "result") -> None:
+    """Tensors (nested in tuples) equal: floating ones to 1e-5 with NaN where the reference has NaN, others exactly."""
+    if isinstance(result, torch.Tensor):
+        assert isinstance(expected, torch.Tensor), f"{name}: a tensor where the reference gives {type(expected)}"
+        assert result.shape == expected.shape, f"{name}: shape {list(result.shape)} != {list(expected.shape)}"
+        assert result.dtype == expected.dtype, f"{name}: dtype {result.dtype} != {expected.dtype}"
+        if result.is_floating_point():
+            torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5, equal_nan=True, msg=name)
+        else:
+            assert torch.equal(result, expected), f"{name}: {result} != {expected}"
+        return
+    assert len(result) == len(expected), f"{name}: {len(result)} outputs, the reference {len(expected)}"
+    for i, (r, e) in enumerate(zip(result, expected)):
+        assert_same_result(r, e, name=f"{name}[{i}]")
+
+
+def _grad_ref(fn, inputs, grads):
+    """The gradients of fn(*inputs) (one output or a tuple) for the output gradients `grads`."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
+    return torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs], allow_unused=True)
+
+
+# ---- commit_tokens ----------------------------------------------------------------------------------
+
+def _commit_inputs(g):
+    tokens = torch.randint(0, 7, (2, 6), generator=g)
+    tokens[:, ::2] = 3                                                    # masked positions (mask_id 3)
+    logits = torch.randn(2, 6, 7, generator=g) * 2
+    return tokens, logits, torch.tensor([1, 2], dtype=torch.int32)
+
+
+COMMIT_KW = dict(mask_id=3, threshold=0.6, temperature=0.0, top_k=0, top_p=1.0, seed=0, offset=0)
+
+
+def _commit_ref(tokens, logits, min_commit, **kw):
+    return tuple(ops.commit_tokens_ref(tokens, logits, min_commit=min_commit, **kw))
+
+
+def commit_tokens_op(g):
+    tokens, logits, min_commit = _commit_inputs(g)
+    return OpCase("llada.commit_tokens", torch.ops.llada.commit_tokens,
+                  dict(tokens=tokens, logits=logits, min_commit=min_commit), dict(COMMIT_KW), _commit_ref,
+                  index=dict(min_commit=torch.tensor([1, -1], dtype=torch.int32)))
+
+
+def _commit_inplace(tokens, logits, min_commit, **kw):
+    return (tokens, *torch.ops.llada.commit_tokens_(tokens, logits, min_commit, **kw))
+
+
+def commit_tokens_inplace_op(g):
+    tokens, logits, min_commit = _commit_inputs(g)
+    return OpCase("llada.commit_tokens_", _commit_inplace, dict(tokens=tokens, logits=logits, min_commit=min_commit),
+                  dict(COMMIT_KW), _commit_ref, index=dict(min_commit=torch.tensor([1, -1], dtype=torch.int32)))
+
+
+def _commit_public(fn):
+    def call(tokens, logits, **kw):
+        return tuple(fn(tokens, logits, **kw))
+    return call
+
+
+def commit_tokens_public(g):
+    tokens, logits, min_commit = _commit_inputs(g)
+    return OpCase("commit_tokens", _commit_public(ops.commit_tokens), dict(tokens=tokens, logits=logits),
+                  dict(COMMIT_KW, min_commit=min_commit), _commit_public(ops.commit_tokens_ref),
+                  index=dict(min_commit=torch.tensor([1, -1], dtype=torch.int32)))
+
+
+def commit_tokens_inplace_public(g):
+    tokens, logits, min_commit = _commit_inputs(g)
+    return OpCase("commit_tokens_", _commit_public(ops.commit_tokens_), dict(tokens=tokens, logits=logits),
+                  dict(COMMIT_KW, min_commit=min_commit), _commit_public(ops.commit_tokens_ref),
+                  index=dict(min_commit=torch.tensor([1, -1], dtype=torch.int32)))
+
+
+# ---- MoE --------------------------------------------------------------------------------------------
+
+ROUTE_KW = dict(top_k=2, n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True)
+
+
+def moe_route_case(name, op):
+    def make(g):
+        return OpCase(name, op, dict(router_logits=torch.randn(5, 8, generator=g),
+                                     expert_bias=torch.randn(8, generator=g) * 0.3),
+                      dict(ROUTE_KW), ops.moe_route_ref)
+    return make
+
+
+def moe_permute_case(name, op):
+    def make(g):
+        return OpCase(name, op, dict(x=torch.randn(5, 6, generator=g),
+                                     topk_ids=torch.randint(0, 4, (5, 2), generator=g, dtype=torch.int32),
+                                     num_experts=4), {}, ops.moe_permute_ref,
+                      index=dict(topk_ids=torch.tensor([[0, 1], [2, 3], [4, 0], [1, 1], [0, 2]], dtype=torch.int32)))
+    return make
+
+
+def _inverse(g, n):
+    return torch.randperm(n, generator=g).int()
+
+
+def _bad_inverse(n):
+    bad = torch.arange(n, dtype=torch.int32)
+    bad[n // 2] = n
+    return bad
+
+
+def moe_unpermute_case(name, op):
+    def make(g):
+        return OpCase(name, op, dict(y=torch.randn(10, 6, generator=g), inverse=_inverse(g, 10),
+                                     topk_weights=torch.rand(5, 2, generator=g)), {}, ops.moe_unpermute_ref,
+                      index=dict(inverse=_bad_inverse(10)))
+    return make
+
+
+def _unpermute_backward_ref(grad_out, y, inverse, topk_weights):
+    return _grad_ref(lambda y_, w_: ops.moe_unpermute_ref(y_, inverse, w_), (y, topk_weights), (grad_out,))
+
+
+def moe_unpermute_backward_op(g):
+    return OpCase("llada.moe_unpermute_backward", torch.ops.llada.moe_unpermute_backward,
+                  dict(grad_out=torch.randn(5, 6, generator=g), y=torch.randn(10, 6, generator=g),
+                       inverse=_inverse(g, 10), topk_weights=torch.rand(5, 2, generator=g)), {},
+                  _unpermute_backward_ref, index=dict(inverse=_bad_inverse(10)))
+
+
+OFFSETS = [0, 2, 2, 7]          # 3 groups (one empty) over 7 rows
+BAD_OFFSETS = [0, 5, 2, 7]      # not non-decreasing
+
+
+def moe_grouped_gemm_case(name, op):
+    def make(g):
+        return OpCase(name, op, dict(a=torch.randn(7, 6, generator=g), b=torch.randn(3, 5, 6, generator=g),
+                                     offsets=torch.tensor(OFFSETS, dtype=torch.int32)), {}, ops.moe_grouped_gemm_ref,
+                      index=dict(offsets=torch.tensor(BAD_OFFSETS, dtype=torch.int32)))
+    return make
+
+
+def _wgrad_ref(grad_out, a, offsets):
+    o = offsets.tolist()
+    return torch.stack([grad_out[o[e]:o[e + 1]].t() @ a[o[e]:o[e + 1]] for e in range(len(o) - 1)])
+
+
+def moe_grouped_gemm_wgrad_op(g):
+    return OpCase("llada.moe_grouped_gemm_wgrad", torch.ops.llada.moe_grouped_gemm_wgrad,
+                  dict(grad_out=torch.randn(7, 5, generator=g), a=torch.randn(7, 6, generator=g),
+                       offsets=torch.tensor(OFFSETS, dtype=torch.int32)), {}, _wgrad_ref,
+                  index=dict(offsets=torch.tensor(BAD_OFFSETS, dtype=torch.int32)))
+
+
+def moe_experts_public(g):
+    return OpCase("moe_experts", ops.moe_experts,
+                  dict(x=torch.randn(5, 6, generator=g),
+                       topk_ids=torch.randint(0, 3, (5, 2), generator=g, dtype=torch.int32),
+                       topk_weights=torch.rand(5, 2, generator=g), w13=torch.randn(3, 8, 6, generator=g) * 0.3,
+                       w2=torch.randn(3, 6, 4, generator=g) * 0.3), {}, ops.moe_experts_ref,
+                  index=dict(topk_ids=torch.tensor([[0, 1], [2, 3], [1, 0], [1, 1], [0, 2]], dtype=torch.int32)))
+
+
+# ---- block attention --------------------------------------------------------------------------------
+
+CU = [0, 3, 10]                 # documents of 3 and 7 tokens
+ATTN_KW = dict(block_size=2, mask="block_causal", softmax_scale=0.35)
+
+
+def _attention_inputs(g):
+    q = torch.randn(10, 2, 8, generator=g)
+    k, v = torch.randn(10, 1, 8, generator=g), torch.randn(10, 1, 8, generator=g)
+    cu = torch.tensor(CU, dtype=torch.int32)
+    return dict(q=q, k=k, v=v, cu_seqlens_q=cu, cu_seqlens_k=cu.clone(), max_seqlen_q=7, max_seqlen_k=7)
+
+
+def _bad_cu():
+    return torch.tensor([0, 7, 3], dtype=torch.int32)
+
+
+def _attention_ref(*args, **kw):
+    kw.pop("kernel", None)
+    return ops.block_attention_ref(*args, return_lse=True, **kw)
+
+
+def block_attention_fwd_op(g):
+    return OpCase("llada.block_attention_fwd", torch.ops.llada.block_attention_fwd, _attention_inputs(g),
+                  dict(ATTN_KW, kernel="auto"), _attention_ref,
+                  index=dict(cu_seqlens_q=_bad_cu(), cu_seqlens_k=_bad_cu()))
+
+
+def block_attention_public(g):
+    return OpCase("block_attention", ops.block_attention, _attention_inputs(g), dict(ATTN_KW, return_lse=True),
+                  lambda *a, return_lse, **kw: _attention_ref(*a, **kw),
+                  index=dict(cu_seqlens_q=_bad_cu(), cu_seqlens_k=_bad_cu()))
+
+
+def _attention_bwd_ref(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k, **kw):
+    return _grad_ref(lambda q_, k_, v_: _attention_ref(q_, k_, v_, cu_q, cu_k, max_q, max_k, **kw), (q, k, v),
+                     (dout, dlse))
+
+
+def block_attention_bwd_op(g):
+    inputs = _attention_inputs(g)
+    out, lse = _attention_ref(*inputs.values(), **ATTN_KW)
+    q = inputs.pop("q")
+    args = dict(dout=torch.randn(out.shape, generator=g), q=q, k=inputs.pop("k"), v=inputs.pop("v"), out=out,
+                lse=lse, dlse=torch.randn(lse.shape, generator=g), **inputs)
+    return OpCase("llada.block_attention_bwd", torch.ops.llada.block_attention_bwd, args,
+                  dict(ATTN_KW, kernel="auto"), _attention_bwd_ref,
+                  index=dict(cu_seqlens_q=_bad_cu(), cu_seqlens_k=_bad_cu()))
+
+
+def _decode_inputs(g):
+    return dict(q=torch.randn(2, 3, 2, 8, generator=g), k_cache=torch.randn(2, 5, 1, 8, generator=g),
+                v_cache=torch.randn(2, 5, 1, 8, generator=g), cache_seqlens=torch.tensor([2, 5], dtype=torch.int32),
+                k_new=torch.randn(2, 3, 1, 8, generator=g), v_new=torch.randn(2, 3, 1, 8, generator=g))
+
+
+def block_attention_decode_op(g):
+    return OpCase("llada.block_attention_decode", torch.ops.llada.block_attention_decode, _decode_inputs(g),
+                  dict(softmax_scale=0.35), lambda *a, **kw: ops.block_attention_decode_ref(*a, return_lse=True, **kw),
+                  index=dict(cache_seqlens=torch.tensor([2, 6], dtype=torch.int32)))
+
+
+def block_attention_decode_public(g):
+    return OpCase("block_attention_decode", ops.block_attention_decode, _decode_inputs(g),
+                  dict(softmax_scale=0.35, return_lse=True), ops.block_attention_decode_ref,
+                  index=dict(cache_seqlens=torch.tensor([2, 6], dtype=torch.int32)))
+
+
+CASES: dict[str, Callable[[torch.Generator], OpCase]] = {
+    "llada.commit_tokens": commit_tokens_op,
+    "llada.commit_tokens_": commit_tokens_inplace_op,
+    "llada.moe_route": moe_route_case("llada.moe_route", torch.ops.llada.moe_route),
+    "llada.moe_permute": moe_permute_case("llada.moe_permute", torch.ops.llada.moe_permute),
+    "llada.moe_unpermute": moe_unpermute_case("llada.moe_unpermute", torch.ops.llada.moe_unpermute),
+    "llada.moe_unpermute_backward": moe_unpermute_backward_op,
+    "llada.moe_grouped_gemm": moe_grouped_gemm_case("llada.moe_grouped_gemm", torch.ops.llada.moe_grouped_gemm),
+    "llada.moe_grouped_gemm_wgrad": moe_grouped_gemm_wgrad_op,
+    "llada.block_attention_fwd": block_attention_fwd_op,
+    "llada.block_attention_bwd": block_attention_bwd_op,
+    "llada.block_attention_decode": block_attention_decode_op,
+    "commit_tokens": commit_tokens_public,
+    "commit_tokens_": commit_tokens_inplace_public,
+    "moe_route": moe_route_case("moe_route", ops.moe_route),
+    "moe_permute": moe_permute_case("moe_permute", ops.moe_permute),
+    "moe_unpermute": moe_unpermute_case("moe_unpermute", ops.moe_unpermute),
+    "moe_grouped_gemm": moe_grouped_gemm_case("moe_grouped_gemm", ops.moe_grouped_gemm),
+    "moe_experts": moe_experts_public,
+    "block_attention": block_attention_public,
+    "block_attention_decode": block_attention_decode_public,
+}
+
+
+def make_case(name: str, seed: int = 0) -> OpCase:
+    return CASES[name](torch.Generator().manual_seed(seed))
