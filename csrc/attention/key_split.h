@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "attention/block_mask.h"
+#include "attention/softmax_rule.h"
 #include "common/host_device.h"
 
 namespace llada {
@@ -32,11 +33,12 @@ LLADA_HD RowRange split_keys(RowRange keys, int split, int splits, int64_t tile)
   return RowRange{min_i64(begin, keys.end), min_i64(keys.end, (first + (split + 1) * per) * tile)};
 }
 
-// The log-sum-exp of `n` partial log-sum-exps (stride apart); -inf when every run saw nothing.
+// The log-sum-exp of `n` partial log-sum-exps (stride apart); -inf when every run saw nothing, NaN or +inf
+// when a run's is (attention/softmax_rule.h: then merge_weight makes the merged output NaN).
 LLADA_HD float merged_lse(const float* lse, int n, int64_t stride) {
   float top = -INFINITY;
-  for (int s = 0; s < n; ++s) top = fmaxf(top, lse[s * stride]);
-  if (top == -INFINITY) return -INFINITY;
+  for (int s = 0; s < n; ++s) top = max_nan(top, lse[s * stride]);
+  if (top == -INFINITY || top == INFINITY) return top;
   float sum = 0.0f;
   for (int s = 0; s < n; ++s) sum += expf(lse[s * stride] - top);
   return top + logf(sum);

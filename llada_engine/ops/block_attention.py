@@ -11,6 +11,13 @@ block-diffusion training.
 Packed layout (T tokens, S sequences): q [Tq, Hq, D], k and v [Tk, Hkv, D], cu_seqlens_q/k int32 [S + 1];
 each sequence is one document and nothing attends across documents; Hq is a multiple of Hkv (GQA).
 lse is fp32 [Tq, Hq]. A query that sees no key gets out = 0 and lse = -inf.
+Non-finite inputs propagate as in softmax and logsumexp over the scores of the keys the mask keeps (a masked
+key contributes nothing, whatever its values): a query with a NaN score gets out NaN and lse NaN; else one
+with a +inf score gets out NaN and lse +inf; a score of -inf weighs 0, so a query whose every kept score is
+-inf sees no key (out 0, lse -inf). A NaN or inf in v makes NaN or inf the out of the queries that weigh it,
+and possibly of other queries of its document (0 * inf in the products); never of another document. The
+gradients follow: a query with a NaN or inf lse gets NaN in dq and in the dk, dv of the keys it sees; the
+other gradients of its document may be NaN too (0 * NaN in the products), those of other documents are not.
 Masks (pos = position in its sequence, blk(p) = p // block_size):
   block_causal  queries bottom-right aligned (q_pos = i + len_k - len_q); k visible iff blk(k_pos) <= blk(q_pos).
   bd3           each sequence is [x_t | x_0] of n + n tokens, blocks counted within each half: a noisy query
@@ -94,15 +101,27 @@ def _attend_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch
     group = q.shape[0] // k.shape[0]
     k = k.repeat_interleave(group, 0)
     v = v.repeat_interleave(group, 0)
-    seen = keep.any(-1)                                             # [Lq]
-    # Rows that see no key attend to everything inside SDPA (no NaN) and are zeroed after.
-    # 4-D inputs: the CPU's fused SDPA kernel takes [B, H, L, D] only (3-D would fall back to the math path).
-    out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=keep | ~seen[:, None], scale=scale)[0]
-    out = torch.where(seen[None, :, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scores = None
+    if not (torch.isfinite(q).all() and torch.isfinite(k).all()):
+        # SDPA adds its mask to the scores, so a NaN or inf score of a masked key would reach the row: mask by
+        # replacing instead, and count a row as seeing a key when one of its kept scores is above -inf (or NaN).
+        scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale  # [Hq, Lq, Lk]
+        masked = scores.masked_fill(~keep, float("-inf"))
+        seen = ((masked > float("-inf")) | masked.isnan()).any(-1)   # [Hq, Lq]
+        out = (torch.softmax(masked, -1) @ v.to(acc)).to(v.dtype)
+        out = torch.where(seen[:, :, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+    else:
+        seen = keep.any(-1)                                         # [Lq]
+        # Rows that see no key attend to everything inside SDPA (no NaN) and are zeroed after.
+        # 4-D inputs: the CPU's fused SDPA kernel takes [B, H, L, D] only (3-D would fall back to the math path).
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=keep | ~seen[:, None],
+                                             scale=scale)[0]
+        out = torch.where(seen[None, :, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
     lse = None
     if return_lse:
-        acc = torch.promote_types(q.dtype, torch.float32)
-        scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale  # [Hq, Lq, Lk]
+        if scores is None:
+            scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale  # [Hq, Lq, Lk]
         lse = torch.logsumexp(scores.masked_fill(~keep, float("-inf")), -1).transpose(0, 1)
     return out.transpose(0, 1), lse
 
