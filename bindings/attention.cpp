@@ -166,6 +166,8 @@ std::tuple<Tensor, Tensor> block_attention_fwd(const Tensor& q_in, const Tensor&
                                                int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t block_size,
                                                const std::string& mask, double softmax_scale,
                                                const std::string& kernel) {
+  llada::bindings::check_defined("block_attention", {{"q", &q_in}, {"k", &k_in}, {"v", &v_in},
+                                                     {"cu_seqlens_q", &cu_seqlens_q}, {"cu_seqlens_k", &cu_seqlens_k}});
   const Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   const Tensor cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
   const llada::AttentionKernel which = parse_kernel(kernel, q);
@@ -195,6 +197,9 @@ std::tuple<Tensor, Tensor, Tensor> block_attention_bwd(
     int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t block_size, const std::string& mask, double softmax_scale,
     const std::string& kernel) {
   const char* op = "block_attention_bwd";
+  llada::bindings::check_defined(op, {{"dout", &dout}, {"q", &q_in}, {"k", &k_in}, {"v", &v_in}, {"out", &out},
+                                      {"lse", &lse}, {"cu_seqlens_q", &cu_seqlens_q},
+                                      {"cu_seqlens_k", &cu_seqlens_k}});
   const Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   const Tensor cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
   const llada::AttentionKernel which = parse_kernel(kernel, q);
@@ -249,6 +254,8 @@ std::tuple<Tensor, Tensor, Tensor> block_attention_bwd(
 void check_decode_args(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& cache_seqlens,
                        const Tensor& k_new, const Tensor& v_new, double softmax_scale) {
   const char* op = "block_attention_decode";
+  llada::bindings::check_defined(op, {{"q", &q}, {"k_cache", &k_cache}, {"v_cache", &v_cache},
+                                      {"cache_seqlens", &cache_seqlens}, {"k_new", &k_new}, {"v_new", &v_new}});
   TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must be [B, Lb, Hq, D], got shape ", q.sizes());
   TORCH_CHECK_VALUE(k_cache.dim() == 4, op, ": k_cache must be [B, Smax, Hkv, D], got shape ", k_cache.sizes());
   TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have the shape of k_cache ",

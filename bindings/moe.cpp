@@ -83,6 +83,7 @@ std::tuple<Tensor, Tensor> moe_route(const Tensor& router_logits, const std::opt
                                      int64_t top_k, int64_t n_group, int64_t topk_group,
                                      double routed_scaling_factor, bool norm_topk_prob) {
   constexpr const char* op = "moe_route";
+  llada::bindings::check_defined(op, {{"router_logits", &router_logits}});
   TORCH_CHECK_VALUE(router_logits.dim() == 2, op, ": router_logits must be [T, E], got shape ", router_logits.sizes());
   const int64_t T = router_logits.size(0), E = router_logits.size(1);
   llada::MoeRouteParams p;
@@ -134,14 +135,13 @@ std::tuple<Tensor, Tensor> moe_route(const Tensor& router_logits, const std::opt
 #endif
     return {ids, weights};
   }
-  const llada::Status s = llada::moe_route_cpu(p);
-  TORCH_CHECK_VALUE(s != llada::Status::kNanInput, op, ": router_logits or expert_bias contain NaN");
-  check_status(s, op, "bad routing configuration");
+  check_status(llada::moe_route_cpu(p), op, "bad routing configuration");
   return {ids, weights};
 }
 
 std::tuple<Tensor, Tensor, Tensor> moe_permute(const Tensor& x, const Tensor& topk_ids, int64_t num_experts) {
   constexpr const char* op = "moe_permute";
+  llada::bindings::check_defined(op, {{"x", &x}, {"topk_ids", &topk_ids}});
   TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be [T, H], got shape ", x.sizes());
   TORCH_CHECK_VALUE(topk_ids.dim() == 2 && topk_ids.size(0) == x.size(0), op, ": topk_ids must be [T, k] with T = ",
                     x.size(0), ", got shape ", topk_ids.sizes());
@@ -185,6 +185,7 @@ std::tuple<Tensor, Tensor, Tensor> moe_permute(const Tensor& x, const Tensor& to
 }
 
 void check_unpermute_args(const Tensor& y, const Tensor& inverse, const Tensor& topk_weights, const char* op) {
+  llada::bindings::check_defined(op, {{"y", &y}, {"inverse", &inverse}, {"topk_weights", &topk_weights}});
   TORCH_CHECK_VALUE(y.dim() == 2, op, ": y must be [T * k, H], got shape ", y.sizes());
   TORCH_CHECK_VALUE(topk_weights.dim() == 2 && topk_weights.size(1) >= 1, op,
                     ": topk_weights must be [T, k] with k >= 1, got shape ", topk_weights.sizes());
@@ -231,6 +232,7 @@ Tensor moe_unpermute(const Tensor& y, const Tensor& inverse, const Tensor& topk_
 std::tuple<Tensor, Tensor> moe_unpermute_backward(const Tensor& grad_out, const Tensor& y, const Tensor& inverse,
                                                   const Tensor& topk_weights) {
   constexpr const char* op = "moe_unpermute_backward";
+  llada::bindings::check_defined(op, {{"grad_out", &grad_out}});
   check_unpermute_args(y, inverse, topk_weights, op);
   const int64_t T = topk_weights.size(0), k = topk_weights.size(1), H = y.size(1);
   TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == T && grad_out.size(1) == H, op,
@@ -306,6 +308,7 @@ bool use_aten(const Tensor& a, bool stream, bool small_groups) {
 
 Tensor moe_grouped_gemm(const Tensor& a, const Tensor& b, const Tensor& offsets) {
   constexpr const char* op = "moe_grouped_gemm";
+  llada::bindings::check_defined(op, {{"a", &a}, {"b", &b}, {"offsets", &offsets}});
   TORCH_CHECK_VALUE(a.dim() == 2, op, ": a must be [M, K], got shape ", a.sizes());
   TORCH_CHECK_VALUE(b.dim() == 3, op, ": b must be [E, N, K], got shape ", b.sizes());
   TORCH_CHECK_VALUE(b.size(2) == a.size(1), op, ": b must be [E, N, K] with K = ", a.size(1),
@@ -355,6 +358,7 @@ Tensor moe_grouped_gemm(const Tensor& a, const Tensor& b, const Tensor& offsets)
 
 Tensor moe_grouped_gemm_wgrad(const Tensor& grad_out, const Tensor& a, const Tensor& offsets) {
   constexpr const char* op = "moe_grouped_gemm_wgrad";
+  llada::bindings::check_defined(op, {{"grad_out", &grad_out}, {"a", &a}, {"offsets", &offsets}});
   TORCH_CHECK_VALUE(grad_out.dim() == 2, op, ": grad_out must be [M, N], got shape ", grad_out.sizes());
   TORCH_CHECK_VALUE(a.dim() == 2 && a.size(0) == grad_out.size(0), op, ": a must be [M, K] with M = ",
                     grad_out.size(0), ", got shape ", a.sizes());

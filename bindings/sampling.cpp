@@ -51,6 +51,8 @@ std::string temperature_too_small(double temperature) {
 llada::CommitTokensParams make_params(const Tensor& tokens, const Tensor& logits, const Tensor& min_commit,
                                       int64_t mask_id, double threshold, double temperature, int64_t top_k,
                                       double top_p, int64_t seed, int64_t offset) {
+  llada::bindings::check_defined("commit_tokens",
+                                 {{"tokens", &tokens}, {"logits", &logits}, {"min_commit", &min_commit}});
   TORCH_CHECK_TYPE(tokens.scalar_type() == at::kLong, "commit_tokens: tokens must be int64, got ",
                    tokens.scalar_type());
   TORCH_CHECK_TYPE(min_commit.scalar_type() == at::kInt, "commit_tokens: min_commit must be int32, got ",
@@ -138,6 +140,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> commit_tokens(const Tensor& tokens, c
                                                          const Tensor& min_commit, int64_t mask_id,
                                                          double threshold, double temperature, int64_t top_k,
                                                          double top_p, int64_t seed, int64_t offset) {
+  llada::bindings::check_defined("commit_tokens", {{"tokens", &tokens}});
   TORCH_CHECK_TYPE(tokens.scalar_type() == at::kLong, "commit_tokens: tokens must be int64, got ",
                    tokens.scalar_type());
   Tensor out = tokens.contiguous().clone();

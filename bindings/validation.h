@@ -1,5 +1,5 @@
-// Argument checks shared by the op bindings (attention.cpp, moe.cpp, sampling.cpp): the devices of an
-// op's tensors, the values of index tensors read on the host through their strides, and the range of
+// Argument checks shared by the op bindings (attention.cpp, moe.cpp, sampling.cpp): tensors given, the
+// devices of an op's tensors, the values of index tensors read on the host through their strides, and the range of
 // numbers that the kernels take in a narrower type (int64 -> int32, double -> float). Every error
 // names the op and the argument and says what was expected.
 #pragma once
@@ -15,6 +15,11 @@
 namespace llada::bindings {
 
 using NamedTensor = std::pair<const char*, const at::Tensor*>;
+
+// Every tensor given defined: None passed for a Tensor argument reaches the op as an undefined tensor.
+inline void check_defined(const char* op, std::initializer_list<NamedTensor> tensors) {
+  for (const auto& [name, t] : tensors) TORCH_CHECK_TYPE(t->defined(), op, ": ", name, " must be a tensor, got None");
+}
 
 // Every tensor on the device of the first one.
 inline void check_same_device(const char* op, std::initializer_list<NamedTensor> tensors) {

@@ -40,13 +40,17 @@ import torch
 import torch.nn.functional as F
 
 from .._extension import kernels_available, require_kernels
-from .checks import check_same_device
+from .checks import check_dims, check_same_device, check_tensors
 
 MASKS = ("block_causal", "bd3")
 
 
 def _softmax_scale(softmax_scale: Optional[float], q: torch.Tensor) -> float:
-    return float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(q.shape[-1])
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"block_attention: softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    return float(softmax_scale)
 
 
 def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -57,6 +61,7 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     `kernel` picks the CUDA kernels: "auto", "flash2" or "hopper" (the CPU takes "auto" only); None means
     $LLADA_ATTENTION_KERNEL on CUDA when set, else "auto"."""
     require_kernels("block_attention")
+    check_tensors("block_attention", q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     if kernel is None:
         kernel = os.environ.get("LLADA_ATTENTION_KERNEL", "auto") if q.is_cuda else "auto"
     out, lse = torch.ops.llada.block_attention_fwd(
@@ -70,6 +75,8 @@ def block_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            softmax_scale: Optional[float] = None, return_lse: bool = False):
     """The current block against a contiguous cache (see the module doc): out [B, Lb, Hq, D] (and lse)."""
     require_kernels("block_attention_decode")
+    check_tensors("block_attention_decode", q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens,
+                  k_new=k_new, v_new=v_new)
     out, lse = torch.ops.llada.block_attention_decode(
         q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale=_softmax_scale(softmax_scale, q))
     return (out, lse) if return_lse else out
@@ -177,18 +184,26 @@ if kernels_available():
     @torch.library.register_fake("llada::block_attention_fwd")
     def _block_attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, block_size,
                                   mask, softmax_scale, kernel="auto"):
+        check_dims("block_attention", q=(q, "[Tq, Hq, D]"), k=(k, "[Tk, Hkv, D]"), v=(v, "[Tk, Hkv, D]"),
+                   cu_seqlens_q=(cu_seqlens_q, "[S + 1]"), cu_seqlens_k=(cu_seqlens_k, "[S + 1]"))
         check_same_device("block_attention", q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
         return (q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32))
 
     @torch.library.register_fake("llada::block_attention_bwd")
     def _block_attention_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                   max_seqlen_k, *, block_size, mask, softmax_scale, kernel="auto"):
+        check_dims("block_attention_bwd", dout=(dout, "[Tq, Hq, D]"), q=(q, "[Tq, Hq, D]"), k=(k, "[Tk, Hkv, D]"),
+                   v=(v, "[Tk, Hkv, D]"), out=(out, "[Tq, Hq, D]"), lse=(lse, "[Tq, Hq]"),
+                   cu_seqlens_q=(cu_seqlens_q, "[S + 1]"), cu_seqlens_k=(cu_seqlens_k, "[S + 1]"))
         check_same_device("block_attention_bwd", q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                           dout=dout, out=out, lse=lse, dlse=dlse)
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     @torch.library.register_fake("llada::block_attention_decode")
     def _block_attention_decode_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, *, softmax_scale):
+        check_dims("block_attention_decode", q=(q, "[B, Lb, Hq, D]"), k_cache=(k_cache, "[B, Smax, Hkv, D]"),
+                   v_cache=(v_cache, "[B, Smax, Hkv, D]"), cache_seqlens=(cache_seqlens, "[B]"),
+                   k_new=(k_new, "[B, Lb, Hkv, D]"), v_new=(v_new, "[B, Lb, Hkv, D]"))
         check_same_device("block_attention_decode", q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new)
         if cache_seqlens.device.type != "cpu":
             check_same_device("block_attention_decode", q=q, cache_seqlens=cache_seqlens)

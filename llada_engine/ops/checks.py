@@ -1,4 +1,5 @@
-"""Argument checks that the Python side of the ops shares (the C++ twins live in bindings/validation.h).
+"""Argument checks that the Python side of the ops shares (the C++ twins live in bindings/validation.h):
+the public wrappers check that their tensors are tensors, the fake (meta) implementations what they read.
 
 The fake (meta) implementations check devices as the kernels do: a tensor on the meta device among real
 ones dispatches to the fake rather than to a kernel, and must be refused there, by name, instead of
@@ -27,3 +28,25 @@ def check_int_values(op: str, name: str, t: torch.Tensor, low: int, high: int, b
     if outside.any():
         index = [int(i) for i in outside.nonzero()[0]]
         raise ValueError(f"{op}: {name}{index} = {int(t[tuple(index)])} is outside {bounds or f'[{low}, {high}]'}")
+
+
+def check_tensors(op: str, **tensors) -> None:
+    """Every argument given is a tensor; TypeError naming the first that is not (None included)."""
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+
+
+def check_dims(op: str, **tensors: tuple[torch.Tensor, str]) -> None:
+    """name=(tensor, layout): each tensor a tensor with as many dimensions as its layout names (e.g.
+    "[T, H]"); the shape checks of the fake implementations, which see no values."""
+    for name, (t, layout) in tensors.items():
+        check_tensors(op, **{name: t})
+        if t.dim() != layout.count(",") + 1:
+            raise ValueError(f"{op}: {name} must be {layout}, got shape {list(t.shape)}")
+
+
+def check_int32_range(op: str, name: str, value: int, low: int = 0) -> None:
+    """An int argument that the kernels hold in int32 (the twin of bindings/validation.h's)."""
+    if not low <= value <= INT32_MAX:
+        raise ValueError(f"{op}: {name} must be in [{low}, 2^31 - 1], got {value}")

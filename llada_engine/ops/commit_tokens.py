@@ -21,7 +21,7 @@ from typing import NamedTuple, Union
 import torch
 
 from .._extension import kernels_available, require_kernels
-from .checks import INT32_MAX, check_int_values, check_same_device
+from .checks import INT32_MAX, check_int_values, check_same_device, check_tensors
 from .philox import commit_uniform
 
 
@@ -175,6 +175,7 @@ if kernels_available():
     @torch.library.register_fake("llada::commit_tokens")
     def _commit_tokens_fake(tokens, logits, min_commit, *, mask_id, threshold, temperature, top_k, top_p,
                             seed, offset):
+        check_tensors("commit_tokens", tokens=tokens, logits=logits, min_commit=min_commit)
         check_same_device("commit_tokens", tokens=tokens, logits=logits, min_commit=min_commit)
         return (torch.empty_like(tokens), torch.empty_like(tokens, dtype=torch.bool),
                 torch.empty_like(tokens, dtype=torch.float32), torch.empty_like(tokens))
@@ -182,6 +183,7 @@ if kernels_available():
     @torch.library.register_fake("llada::commit_tokens_")
     def _commit_tokens_inplace_fake(tokens, logits, min_commit, *, mask_id, threshold, temperature, top_k,
                                     top_p, seed, offset):
+        check_tensors("commit_tokens", tokens=tokens, logits=logits, min_commit=min_commit)
         check_same_device("commit_tokens", tokens=tokens, logits=logits, min_commit=min_commit)
         return (torch.empty_like(tokens, dtype=torch.bool), torch.empty_like(tokens, dtype=torch.float32),
                 torch.empty_like(tokens))

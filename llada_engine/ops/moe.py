@@ -13,6 +13,10 @@ only; a group's score is the sum of its top-2 biased scores; the `topk_group` be
 kept and the `top_k` best experts among them chosen. Ties go to the lower group / expert index, and the
 k experts of a token are listed by descending biased score. Weights are the unbiased scores of the chosen
 experts, divided by (their sum + 1e-20) when norm_topk_prob, times routed_scaling_factor.
+NaN is not an error (a NaN in one sequence of a batch must fail that sequence only): as in the reference's
+torch.topk and stable torch.sort, a NaN logit ranks above every number, so its group and expert come first;
+the token's weights then hold NaN (all of them with norm_topk_prob, else the NaN expert's) while its ids stay
+valid experts, and the NaN reaches that token's rows of moe_experts and no other.
 Permutation: rows grouped by expert, stable in the flattened (token, slot) index t * k + s;
 x_sorted[inverse[t * k + s]] = x[t], and expert e owns rows offsets[e]:offsets[e + 1].
 moe_grouped_gemm, moe_unpermute and moe_experts are differentiable in their activations, weights and
@@ -30,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .._extension import kernels_available, require_kernels
-from .checks import check_int_values, check_same_device
+from .checks import check_dims, check_int32_range, check_int_values, check_same_device, check_tensors
 
 
 def moe_route(router_logits: torch.Tensor, expert_bias: torch.Tensor, *, top_k: int, n_group: int,
@@ -38,6 +42,7 @@ def moe_route(router_logits: torch.Tensor, expert_bias: torch.Tensor, *, top_k: 
               norm_topk_prob: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen experts int32 [T, k] and their weights fp32 [T, k] (see the module doc)."""
     require_kernels("moe_route")
+    check_tensors("moe_route", router_logits=router_logits)
     return torch.ops.llada.moe_route(router_logits, expert_bias, top_k=top_k, n_group=n_group,
                                      topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
                                      norm_topk_prob=norm_topk_prob)
@@ -47,18 +52,21 @@ def moe_permute(x: torch.Tensor, topk_ids: torch.Tensor,
                 num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows of x [T, H] in expert order: (x_sorted [T*k, H], offsets int32 [E+1], inverse int32 [T*k])."""
     require_kernels("moe_permute")
+    check_tensors("moe_permute", x=x, topk_ids=topk_ids)
     return torch.ops.llada.moe_permute(x, _int32_ids(topk_ids, num_experts), num_experts)
 
 
 def moe_grouped_gemm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """[M, N]: rows offsets[g]:offsets[g+1] of a [M, K] times b[g]^T, b [E, N, K]."""
     require_kernels("moe_grouped_gemm")
+    check_tensors("moe_grouped_gemm", a=a, b=b, offsets=offsets)
     return torch.ops.llada.moe_grouped_gemm(a, b, offsets)
 
 
 def moe_unpermute(y: torch.Tensor, inverse: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
     """[T, H]: out[t] = sum_s topk_weights[t, s] * y[inverse[t * k + s]], accumulated in fp32."""
     require_kernels("moe_unpermute")
+    check_tensors("moe_unpermute", y=y, inverse=inverse, topk_weights=topk_weights)
     return torch.ops.llada.moe_unpermute(y, inverse, topk_weights)
 
 
@@ -197,35 +205,47 @@ if kernels_available():
     @torch.library.register_fake("llada::moe_route")
     def _moe_route_fake(router_logits, expert_bias, *, top_k, n_group, topk_group, routed_scaling_factor,
                         norm_topk_prob=True):
+        check_dims("moe_route", router_logits=(router_logits, "[T, E]"))
         check_same_device("moe_route", router_logits=router_logits, expert_bias=expert_bias)
+        if not 1 <= top_k <= router_logits.shape[1]:
+            raise ValueError(f"moe_route: top_k must be in [1, E] = [1, {router_logits.shape[1]}], got {top_k}")
         T = router_logits.shape[0]
         return (router_logits.new_empty((T, top_k), dtype=torch.int32),
                 router_logits.new_empty((T, top_k), dtype=torch.float32))
 
     @torch.library.register_fake("llada::moe_permute")
     def _moe_permute_fake(x, topk_ids, num_experts):
+        check_dims("moe_permute", x=(x, "[T, H]"), topk_ids=(topk_ids, "[T, k]"))
         check_same_device("moe_permute", x=x, topk_ids=topk_ids)
+        check_int32_range("moe_permute", "num_experts", num_experts, 1)
         rows = topk_ids.shape[0] * topk_ids.shape[1]
         return (x.new_empty((rows, x.shape[1])), topk_ids.new_empty((num_experts + 1,)),
                 topk_ids.new_empty((rows,)))
 
     @torch.library.register_fake("llada::moe_unpermute")
     def _moe_unpermute_fake(y, inverse, topk_weights):
+        check_dims("moe_unpermute", y=(y, "[T * k, H]"), inverse=(inverse, "[T * k]"),
+                   topk_weights=(topk_weights, "[T, k]"))
         check_same_device("moe_unpermute", y=y, inverse=inverse, topk_weights=topk_weights)
         return y.new_empty((topk_weights.shape[0], y.shape[1]))
 
     @torch.library.register_fake("llada::moe_unpermute_backward")
     def _moe_unpermute_backward_fake(grad_out, y, inverse, topk_weights):
+        check_dims("moe_unpermute_backward", grad_out=(grad_out, "[T, H]"), y=(y, "[T * k, H]"),
+                   inverse=(inverse, "[T * k]"), topk_weights=(topk_weights, "[T, k]"))
         check_same_device("moe_unpermute_backward", y=y, inverse=inverse, topk_weights=topk_weights, grad_out=grad_out)
         return torch.empty_like(y, memory_format=torch.contiguous_format), torch.empty_like(topk_weights)
 
     @torch.library.register_fake("llada::moe_grouped_gemm")
     def _moe_grouped_gemm_fake(a, b, offsets):
+        check_dims("moe_grouped_gemm", a=(a, "[M, K]"), b=(b, "[E, N, K]"), offsets=(offsets, "[E + 1]"))
         check_same_device("moe_grouped_gemm", a=a, b=b, offsets=offsets)
         return a.new_empty((a.shape[0], b.shape[1]))
 
     @torch.library.register_fake("llada::moe_grouped_gemm_wgrad")
     def _moe_grouped_gemm_wgrad_fake(grad_out, a, offsets):
+        check_dims("moe_grouped_gemm_wgrad", grad_out=(grad_out, "[M, N]"), a=(a, "[M, K]"),
+                   offsets=(offsets, "[E + 1]"))
         check_same_device("moe_grouped_gemm_wgrad", a=a, grad_out=grad_out, offsets=offsets)
         return a.new_empty((offsets.shape[0] - 1, grad_out.shape[1], a.shape[1]))
 
