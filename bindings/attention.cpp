@@ -83,7 +83,7 @@ llada::BlockAttentionParams make_params(const Tensor& q, const Tensor& k, const 
   TORCH_CHECK_VALUE(D >= 1 && Hkv >= 1, op, ": k must have at least one head and D >= 1, got shape ", k.sizes());
   TORCH_CHECK_VALUE(Hq % Hkv == 0, op, ": the heads of q (", Hq, ") must be a multiple of the heads of k (", Hkv, ")");
   TORCH_CHECK_VALUE(block_size >= 1, op, ": block_size must be >= 1, got ", block_size);
-  llada::bindings::check_float32_finite(op, "softmax_scale", softmax_scale);
+  llada::bindings::check_float32_normal(op, "softmax_scale", softmax_scale);
   TORCH_CHECK_VALUE(cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) >= 1, op,
                     ": cu_seqlens_q must be [S + 1] with S >= 0, got shape ", cu_seqlens_q.sizes());
   TORCH_CHECK_VALUE(!q.is_cuda() || D == 64 || D == 128, op, ": the head dim of q must be 64 or 128 on CUDA, got ", D);
@@ -285,7 +285,7 @@ void check_decode_args(const Tensor& q, const Tensor& k_cache, const Tensor& v_c
     TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), op, ": ", name, " must have the dtype of q (",
                      q.scalar_type(), "), got ", t->scalar_type());
   TORCH_CHECK_VALUE(!q.is_cuda() || D == 64 || D == 128, op, ": the head dim of q must be 64 or 128 on CUDA, got ", D);
-  llada::bindings::check_float32_finite(op, "softmax_scale", softmax_scale);
+  llada::bindings::check_float32_normal(op, "softmax_scale", softmax_scale);
 }
 
 // cache_seqlens on the host, each checked to lie in [0, Smax].

@@ -61,4 +61,12 @@ inline void check_float32_finite(const char* op, const char* name, double value)
                     " must be finite in float32 (|", name, "| < 3.4e38), got ", value);
 }
 
+// A float32 factor that a kernel folds into others (softmax_scale * log2(e)): finite, and 0 or normal in
+// float32, as a subnormal one keeps too few bits for the product to be the reference's.
+inline void check_float32_normal(const char* op, const char* name, double value) {
+  check_float32_finite(op, name, value);
+  TORCH_CHECK_VALUE(value == 0.0 || std::fabs(static_cast<float>(value)) >= std::numeric_limits<float>::min(), op,
+                    ": ", name, " must be 0 or at least 1.2e-38 in magnitude (a normal float32), got ", value);
+}
+
 }  // namespace llada::bindings

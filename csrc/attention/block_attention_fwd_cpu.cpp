@@ -187,6 +187,7 @@ Status block_attention_fwd_cpu(const BlockAttentionParams& p) {
 
 Status block_attention_decode_cpu(const BlockAttentionDecodeParams& p) {
   if (p.dtype == DType::kFloat16 || p.heads_kv < 1 || p.heads_q % p.heads_kv != 0) return Status::kBadArgument;
+  if (p.batch == 0 || p.block == 0 || p.heads_q == 0) return Status::kOk;  // empty out and lse
   const int64_t q_tiles = (p.block + BQ - 1) / BQ;
   const int64_t tasks = p.batch * q_tiles * p.heads_kv;
 #pragma omp parallel if (tasks > 1)

@@ -323,6 +323,7 @@ int64_t block_attention_decode_cuda_workspace_bytes(const BlockAttentionDecodePa
 
 Status block_attention_decode_cuda(const BlockAttentionDecodeParams& p, void* workspace, cudaStream_t stream) {
   if (p.heads_kv < 1 || p.heads_q % p.heads_kv != 0) return Status::kBadArgument;
+  if (p.batch == 0 || p.block == 0 || p.heads_q == 0) return Status::kOk;  // empty out and lse
   FwdArgs args{p.q, p.heads_q * p.head_dim, p.head_dim, p.heads_q, p.heads_kv, p.softmax_scale, p.out, p.lse};
   const Status s = decode_splits(p, &args.splits);
   if (s != Status::kOk) return s;

@@ -50,3 +50,36 @@ def check_int32_range(op: str, name: str, value: int, low: int = 0) -> None:
     """An int argument that the kernels hold in int32 (the twin of bindings/validation.h's)."""
     if not low <= value <= INT32_MAX:
         raise ValueError(f"{op}: {name} must be in [{low}, 2^31 - 1], got {value}")
+
+
+def _tensor_arguments(schema) -> list[tuple[str, bool]]:
+    """(name, optional) of the Tensor arguments of an op schema."""
+    kinds = {"Tensor": False, "Optional[Tensor]": True}
+    return [(a.name, kinds[str(a.type)]) for a in schema.arguments if str(a.type) in kinds]
+
+
+def register_no_kernel_errors(namespace: str = "llada") -> None:
+    """For every op of `namespace`: a call that no kernel serves (every tensor argument None, or tensors on a
+    device this build has no kernel for) raises an error naming the argument, not the dispatcher's
+    "no fallback function is registered" / "Could not run ... with arguments from the X backend". Kernels
+    registered for a device (CPU, CUDA, the fake one for Meta) take precedence over this one."""
+    for qualname in torch._C._dispatch_get_all_op_names():
+        if not qualname.startswith(namespace + "::"):
+            continue
+        op_name = qualname.split("::", 1)[1]
+        packet = getattr(getattr(torch.ops, namespace), op_name.split(".")[0])
+        overload = getattr(packet, op_name.split(".")[1] if "." in op_name else "default")
+        schema = overload._schema
+        names = [a.name for a in schema.arguments]
+
+        def no_kernel(*args, _op=op_name.split(".")[0], _tensors=_tensor_arguments(schema), _names=names,
+                      **kwargs):
+            given = {**dict(zip(_names, args)), **kwargs}
+            for name, optional in _tensors:
+                if given.get(name) is None and not optional:
+                    raise TypeError(f"{_op}: {name} must be a tensor, got None")
+            name, t = next((n, given[n]) for n, _ in _tensors if isinstance(given.get(n), torch.Tensor))
+            raise NotImplementedError(f"{_op}: no kernel for {name} on {t.device.type} in this build of "
+                                      f"llada_engine (see llada_engine.build_info())")
+
+        torch.library.impl(qualname, "CompositeExplicitAutograd")(no_kernel)

@@ -106,8 +106,9 @@ def _check_expert_weights(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) 
     if x.dim() != 2:
         raise ValueError(f"moe_experts: x must be [T, H], got shape {list(x.shape)}")
     H = x.shape[1]
-    if w13.dim() != 3 or w13.shape[2] != H or w13.shape[1] % 2:
-        raise ValueError(f"moe_experts: w13 must be [E, 2I, H] with H = {H}, got shape {list(w13.shape)}")
+    if w13.dim() != 3 or w13.shape[0] < 1 or w13.shape[2] != H or w13.shape[1] % 2:
+        raise ValueError(f"moe_experts: w13 must be [E, 2I, H] with E >= 1 and H = {H}, got shape "
+                         f"{list(w13.shape)}")
     E, I = w13.shape[0], w13.shape[1] // 2
     if w2.shape != (E, H, I):
         raise ValueError(f"moe_experts: w2 must be [E, H, I] = [{E}, {H}, {I}], got shape {list(w2.shape)}")
