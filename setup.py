@@ -13,8 +13,9 @@ toolkit is found; the build never asks a GPU anything. Environment:
     CUDA_HOME                 the CUDA toolkit (default /usr/local/cuda when it holds nvcc)
     LLADA_SANITIZE            sanitizers for the C++ code, e.g. "address" (CPU kernels only; build folder
                               build/core-cpu-address). Python is not built with them: run it with the
-                              runtime preloaded, LD_PRELOAD=$(gcc -print-file-name=libasan.so)
-                              ASAN_OPTIONS=detect_leaks=0 (see .ci/run, stage asan)
+                              runtime and libstdc++ preloaded, LD_PRELOAD="$(gcc -print-file-name=libasan.so)
+                              $(gcc -print-file-name=libstdc++.so.6)" ASAN_OPTIONS=detect_leaks=0 (see
+                              .ci/run, stage asan)
 """
 import importlib.util
 import os

@@ -67,5 +67,6 @@ runpy.run_path({str(FUZZ)!r}, run_name="__main__")
     run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                          env=dict(os.environ, LLADA_FUZZ_EXAMPLES="5"), timeout=300)
     assert run.returncode == 1
-    assert json.loads(run.stdout.strip().splitlines()[-1]) == {"moe_route": "failed",
-                                                               "llada.moe_route": "crashed (signal 11)"}
+    statuses = json.loads(run.stdout.strip().splitlines()[-1])
+    assert statuses["moe_route"] == "failed"
+    assert statuses["llada.moe_route"].startswith("crashed (signal")  # SIGABRT under AddressSanitizer
