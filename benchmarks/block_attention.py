@@ -1,9 +1,10 @@
-"""Benchmark of block attention (DESIGN.md §3.1): ours against the dense-mask reference (SDPA per document
-over a boolean mask) and, on a GPU, FlexAttention with the equivalent block mask; forward and backward,
-masks bd3 and block_causal, LLaDA2.0 heads (Hq 16, Hkv 4, D 128), packed documents of mixed lengths.
+"""Block attention (docs/ARCHITECTURE.md, Block attention) timed: ours against the dense-mask reference
+(SDPA per document over a boolean mask) and, on a GPU, FlexAttention with the equivalent block mask; forward
+and backward, masks bd3 and block_causal, LLaDA2.0 heads (Hq 16, Hkv 4, D 128), packed documents of mixed
+lengths.
 
     python -m benchmarks.block_attention [--quick] [--tokens 4096 8192 16384] [--dtype float32|bfloat16]
-                                         [--decode-cache 4096]
+                                         [--decode-cache 4096] [--decode-only]
 
 TFLOP/s count only the work the mask keeps (4 D flops per kept (query, key, head) forward, 2.5x that
 backward); `peak` is the fraction of this machine's measured matmul FLOP/s in the same dtype.
@@ -12,6 +13,10 @@ The decode form (block_attention_decode: a block of 32 queries per sequence agai
 V, q, the new K and V, the output once each), `of_bw` is the fraction of the copy bandwidth measured in the
 same run; the peer is SDPA over the cache concatenated with the block's keys (what a cache without an
 in-place decode form does), cache_seqlens given from the CPU (no device synchronisation per call).
+The paged form runs the same case with the cache in shuffled pages of 32 rows (one block) of a shared pool:
+`ours_paged` with cache_seqlens and block_table from the CPU (validated there, uploaded per call), on a GPU
+also `ours_paged_dev` with both already on the device (trusted, nothing uploaded); `paged_vs_contiguous` in
+the JSON is ours' time over ours_paged's (1.0: paging costs nothing).
 Prints the tables, then one JSON line (last).
 """
 import argparse
@@ -97,8 +102,10 @@ def bench_case(mask: str, total: int, device: str, dtype: torch.dtype, repeats: 
     impls = {"ours": lambda a, b, c: block_attention(a, b, c, *args, **kw),
              "dense_ref": lambda a, b, c: block_attention_ref(a, b, c, *args, **kw)}
     if device.startswith("cuda"):
-        # "ours" runs the kernels the op picks (the Hopper ones on sm_90); this one the sm_80 kernels.
-        impls["ours_flash2"] = lambda a, b, c: block_attention(a, b, c, *args, kernel="flash2", **kw)
+        # "ours" runs the kernels kernel="auto" picks (flash2, until the Hopper ones pass the GPU tests on a card);
+        # on sm_90 this one the Hopper kernels.
+        if torch.cuda.get_device_capability(device) == (9, 0):
+            impls["ours_hopper"] = lambda a, b, c: block_attention(a, b, c, *args, kernel="hopper", **kw)
         flex = flex_attention_fn(mask, lengths, device)
         if flex is not None:
             impls["flex"] = flex
@@ -119,15 +126,27 @@ def bench_decode(batch: int, cached: int, device: str, dtype: torch.dtype, repea
         return torch.randn(*shape, generator=g).to(device, dtype)
     q = rand(batch, BLOCK_SIZE, HEADS_Q, HEAD_DIM)                                   # [B, Lb, Hq, D]
     k_new, v_new = rand(batch, BLOCK_SIZE, HEADS_KV, HEAD_DIM), rand(batch, BLOCK_SIZE, HEADS_KV, HEAD_DIM)
-    k_cache, v_cache = (rand(batch, cached + BLOCK_SIZE, HEADS_KV, HEAD_DIM) for _ in range(2))  # [B, Smax, Hkv, D]
+    pages = -(-(cached + BLOCK_SIZE) // BLOCK_SIZE)                                  # per sequence, one block each
+    k_cache, v_cache = (rand(batch, pages * BLOCK_SIZE, HEADS_KV, HEAD_DIM) for _ in range(2))  # [B, Smax, Hkv, D]
     lens = torch.full((batch,), cached, dtype=torch.int32)
+    table = torch.randperm(batch * pages, generator=g).view(batch, pages).to(torch.int32)  # [B, max_pages]
+    k_pool, v_pool = (torch.empty(batch * pages, BLOCK_SIZE, HEADS_KV, HEAD_DIM, device=device, dtype=dtype)
+                      for _ in range(2))                                             # [num_pages, page, Hkv, D]
+    for pool, cache in ((k_pool, k_cache), (v_pool, v_cache)):
+        pool[table.view(-1).long().to(device)] = cache.reshape(batch * pages, BLOCK_SIZE, HEADS_KV, HEAD_DIM)
     moved = q.element_size() * (2 * batch * cached * HEADS_KV * HEAD_DIM + 2 * q.numel() + 2 * k_new.numel())
 
     def sdpa_cat():  # [B, H, L, D] views; the cache rows and the block's keys concatenated first
         keys = torch.cat([k_cache[:, :cached], k_new], 1).transpose(1, 2)
         values = torch.cat([v_cache[:, :cached], v_new], 1).transpose(1, 2)
         return F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, enable_gqa=True).transpose(1, 2)
-    impls = {"ours": lambda: block_attention_decode(q, k_cache, v_cache, lens, k_new, v_new), "sdpa_cat": sdpa_cat}
+    impls = {"ours": lambda: block_attention_decode(q, k_cache, v_cache, lens, k_new, v_new),
+             "ours_paged": lambda: block_attention_decode(q, k_pool, v_pool, lens, k_new, v_new, block_table=table),
+             "sdpa_cat": sdpa_cat}
+    if device.startswith("cuda"):
+        lens_dev, table_dev = lens.to(device), table.to(device)
+        impls["ours_paged_dev"] = lambda: block_attention_decode(q, k_pool, v_pool, lens_dev, k_new, v_new,
+                                                                 block_table=table_dev)
     rows = []
     for name, fn in impls.items():
         seconds = time_fn(fn, device=device, warmup=1, repeats=repeats)
@@ -143,13 +162,14 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--decode-cache", type=int, help="cached rows per sequence in the decode-form case")
+    parser.add_argument("--decode-only", action="store_true", help="only the decode form (contiguous and paged)")
     opts = parser.parse_args()
     dtype = getattr(torch, opts.dtype)
     tokens = opts.tokens or ([2048] if opts.quick else ([4096, 8192, 16384] if opts.device != "cpu" else [4096, 8192]))
     repeats = 1 if opts.quick else 3
     peak = peak_flops(opts.device, dtype)
     rows = []
-    for total in tokens:
+    for total in [] if opts.decode_only else tokens:
         for mask in ("bd3", "block_causal"):
             rows += bench_case(mask, total, opts.device, dtype, repeats, peak)
     print_table(rows)
@@ -158,6 +178,11 @@ def main() -> None:
     decode_rows = [r for batch in (1, 16) for r in bench_decode(batch, cached, opts.device, dtype, repeats, bandwidth)]
     print()
     print_table(decode_rows)
+    paged_vs_contiguous = {}
+    for r in decode_rows:
+        if r["impl"].startswith("ours_paged"):
+            contiguous = next(x for x in decode_rows if x["impl"] == "ours" and x["batch"] == r["batch"])
+            paged_vs_contiguous[f"{r['impl']}_batch{r['batch']}"] = contiguous["ms"] / r["ms"]
     speedup = {"dense_ref": {}, "flex": {}}
     for r in rows:
         for peer, ratios in speedup.items():
@@ -169,7 +194,8 @@ def main() -> None:
                 "threads": torch.get_num_threads(), "dtype": opts.dtype, "peak_tflops": peak / 1e12,
                 "heads_q": HEADS_Q, "heads_kv": HEADS_KV, "head_dim": HEAD_DIM, "block_size": BLOCK_SIZE,
                 "speedup_vs_dense_ref": speedup["dense_ref"], "speedup_vs_flex": speedup["flex"], "rows": rows,
-                "copy_gbps": bandwidth / 1e9, "decode_rows": decode_rows})
+                "copy_gbps": bandwidth / 1e9, "decode_rows": decode_rows,
+                "paged_vs_contiguous": paged_vs_contiguous})
 
 
 if __name__ == "__main__":

@@ -1,18 +1,31 @@
 """End-to-end decoding benchmark: generate() with and without the KV cache on a random-weight model.
 
     python -m benchmarks.decode [--shape tiny|small|mini] [--device cpu|cuda] [--batch 1 16] [--gen-length 256]
+    torchrun --nproc_per_node N -m benchmarks.decode --parallel tp [...]
 
 Reports tokens/s, tokens per forward (TPF) and the latency of one denoising step for the cached and the
 uncached path, checks that both give identical tokens, and on a GPU the cached step latency against its
 memory floor (bytes of the dense weights, of the experts a step touches and of the KV cache read, over the
 copy bandwidth measured in the same run). Random weights give near-uniform logits, so every step commits the
 scheduled minimum (TPF about 1): the speeds are per-step speeds. The last line printed is JSON.
+
+--parallel tp runs the model tensor- and expert-parallel over torchrun's N processes (rank 0 saves the random
+model to a temporary folder and each rank reads its part of it; with --model DIR its part of that checkpoint)
+and adds each rank's memory: its parameter bytes and the replicated part of them, and on a GPU the peak
+allocated while decoding (on the CPU the resident set after it and its peak).
+On the CPU the ranks share one machine's cores and memory bandwidth: the numbers show the cost of the
+collectives, not a speed-up.
 """
 import argparse
+import resource
+import shutil
+import tempfile
 
 import torch
+import torch.distributed as dist
 
 from benchmarks.timer import peak_bandwidth, print_json, print_table
+from llada_engine import load_model, parallel
 from llada_engine.decoding.speed import random_prompts, speed_row
 from llada_engine.model import LLaDA2Config
 from llada_engine.model.init import random_model
@@ -52,15 +65,21 @@ def main(argv=None):
     parser.add_argument("--gen-length", type=int, default=256)
     parser.add_argument("--prompt-length", type=int, default=64)
     parser.add_argument("--quick", action="store_true", help="tiny shape, short generation (a smoke run)")
+    parser.add_argument("--parallel", choices=["tp"], default=None, help="tensor/expert-parallel under torchrun")
+    parser.add_argument("--model", default=None, help="a checkpoint folder instead of random weights")
     args = parser.parse_args(argv)
     on_gpu = args.device.startswith("cuda")
     shape = args.shape or ("tiny" if args.quick else "mini" if on_gpu else "small")
     gen_length = 32 if args.quick else args.gen_length
     batches = [1, 2] if args.quick else args.batch
     dtype = torch.bfloat16 if on_gpu else torch.float32
-    config = LLaDA2Config(**SHAPES[shape])
-    model = random_model(config, seed=0, dtype=dtype, device=args.device)
+    if args.parallel:
+        args.device = str(parallel.start(args.device))
+    model = build_model(args, shape, dtype)
+    config = model.config
     bandwidth = peak_bandwidth(args.device) if on_gpu else None
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats(args.device)
 
     rows = []
     for batch in batches:
@@ -72,9 +91,59 @@ def main(argv=None):
             row["frac_floor"] = floor / (row["cached_step_ms"] / 1e3)
         rows.append(row)
     device_name = torch.cuda.get_device_name() if on_gpu else f"cpu x{torch.get_num_threads()}"
-    print(f"decode on {device_name}, shape {shape}, {str(dtype).replace('torch.', '')}")
+    record = {"benchmark": "decode", "device": device_name, "shape": shape, "quick": args.quick, "rows": rows}
+    if args.parallel:
+        memory = [None] * dist.get_world_size()
+        dist.all_gather_object(memory, rank_memory(model, args.device))
+        record |= {"parallel": args.parallel, "ranks": len(memory), "rank_memory": memory}
+        main = parallel.is_main()
+        parallel.stop()
+        if not main:
+            return
+    print(f"decode on {device_name}, shape {shape}, {str(dtype).replace('torch.', '')}"
+          + (f", {args.parallel} over {record['ranks']} ranks" if args.parallel else ""))
     print_table(rows)
-    print_json({"benchmark": "decode", "device": device_name, "shape": shape, "quick": args.quick, "rows": rows})
+    print_table(record.get("rank_memory", []))
+    print_json(record)
+
+
+def build_model(args, shape: str, dtype: torch.dtype):
+    if args.model is not None:
+        return load_model(args.model, dtype=dtype, device=args.device, parallel=args.parallel)
+    model = random_model(LLaDA2Config(**SHAPES[shape]), seed=0, dtype=dtype,
+                         device="cpu" if args.parallel else args.device)
+    if args.parallel is None:
+        return model
+    # Rank 0 saves the random model; every rank reads its part of it, as from a real checkpoint, so that
+    # its memory is what a rank of a real run holds.
+    folder = [tempfile.mkdtemp(prefix="decode-tp-") if dist.get_rank() == 0 else None]
+    if dist.get_rank() == 0:
+        model.save_pretrained(folder[0])
+    del model
+    dist.broadcast_object_list(folder)
+    try:
+        return load_model(folder[0], dtype=dtype, device=args.device, parallel=args.parallel)
+    finally:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(folder[0])
+
+
+def rank_memory(model, device: str) -> dict:
+    """This rank's parameter bytes (and the replicated part), and its peak GPU memory or CPU resident set."""
+    sizes = parallel.parameter_bytes(model)
+    row = {"rank": dist.get_rank(), "param_MB": sizes["bytes"] / 2**20, "replicated_MB": sizes["replicated_bytes"] / 2**20}
+    if device.startswith("cuda"):
+        row["peak_allocated_MB"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        row["rss_MB"] = _resident_bytes() / 2**20
+        row["max_rss_MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+    return row
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize()
 
 
 if __name__ == "__main__":

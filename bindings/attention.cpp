@@ -145,8 +145,8 @@ llada::AttentionKernel parse_kernel(const std::string& kernel, const Tensor& q) 
                     ": kernel must be \"auto\", \"flash2\" or \"hopper\", got \"", kernel, "\"");
   TORCH_CHECK_VALUE(kernel == "auto" || q.is_cuda(), op, ": kernel \"", kernel,
                     "\" names a CUDA kernel, but q is on the CPU (use \"auto\")");
-  if (kernel == "flash2") return llada::AttentionKernel::kFlash2;
-  return kernel == "hopper" ? llada::AttentionKernel::kHopper : llada::AttentionKernel::kAuto;
+  // "auto" takes flash2 until the Hopper kernels have passed the GPU tests on a card (README, ops table).
+  return kernel == "hopper" ? llada::AttentionKernel::kHopper : llada::AttentionKernel::kFlash2;
 }
 
 // The errors of an explicitly requested Hopper kernel, then any other.
@@ -251,18 +251,22 @@ std::tuple<Tensor, Tensor, Tensor> block_attention_bwd(
 }
 
 // Checks the arguments of the decode form (everything but the values of cache_seqlens, which may be on a GPU).
+// `paged`: k_cache and v_cache are page pools [num_pages, page_size, Hkv, D] (check_block_table checks the rest).
 void check_decode_args(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& cache_seqlens,
-                       const Tensor& k_new, const Tensor& v_new, double softmax_scale) {
+                       const Tensor& k_new, const Tensor& v_new, double softmax_scale, bool paged = false) {
   const char* op = "block_attention_decode";
   llada::bindings::check_defined(op, {{"q", &q}, {"k_cache", &k_cache}, {"v_cache", &v_cache},
                                       {"cache_seqlens", &cache_seqlens}, {"k_new", &k_new}, {"v_new", &v_new}});
+  const char* cache_shape = paged ? "[num_pages, page_size, Hkv, D]" : "[B, Smax, Hkv, D]";
   TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must be [B, Lb, Hq, D], got shape ", q.sizes());
-  TORCH_CHECK_VALUE(k_cache.dim() == 4, op, ": k_cache must be [B, Smax, Hkv, D], got shape ", k_cache.sizes());
+  TORCH_CHECK_VALUE(k_cache.dim() == 4, op, ": k_cache must be ", cache_shape, ", got shape ", k_cache.sizes());
   TORCH_CHECK_VALUE(v_cache.sizes() == k_cache.sizes(), op, ": v_cache must have the shape of k_cache ",
                     k_cache.sizes(), ", got ", v_cache.sizes());
   const int64_t B = q.size(0), Lb = q.size(1), Hq = q.size(2), D = q.size(3), Hkv = k_cache.size(2);
-  TORCH_CHECK_VALUE(k_cache.size(0) == B && k_cache.size(3) == D, op, ": k_cache must be [B, Smax, Hkv, D] with B = ",
-                    B, " and D = ", D, " as in q, got shape ", k_cache.sizes());
+  TORCH_CHECK_VALUE(paged || k_cache.size(0) == B, op, ": k_cache must be [B, Smax, Hkv, D] with B = ", B,
+                    " as in q, got shape ", k_cache.sizes());
+  TORCH_CHECK_VALUE(k_cache.size(3) == D, op, ": k_cache must be ", cache_shape, " with D = ", D,
+                    " as in q, got shape ", k_cache.sizes());
   TORCH_CHECK_VALUE(k_new.dim() == 4 && k_new.size(0) == B && k_new.size(1) == Lb && k_new.size(2) == Hkv &&
                         k_new.size(3) == D,
                     op, ": k_new must be [B, Lb, Hkv, D] = [", B, ", ", Lb, ", ", Hkv, ", ", D, "], got shape ",
@@ -288,24 +292,88 @@ void check_decode_args(const Tensor& q, const Tensor& k_cache, const Tensor& v_c
   llada::bindings::check_float32_normal(op, "softmax_scale", softmax_scale);
 }
 
-// cache_seqlens on the host, each checked to lie in [0, Smax].
+// cache_seqlens on the host as the kernel reads them (contiguous), each checked to lie in [0, Smax].
 Tensor checked_cache_seqlens(const Tensor& cache_seqlens, int64_t Smax) {
   const Tensor lens = cache_seqlens.cpu().contiguous();
-  const int32_t* l = lens.data_ptr<int32_t>();
-  for (int64_t b = 0; b < lens.size(0); ++b)
+  const llada::bindings::HostValues<int32_t> l(lens);
+  for (int64_t b = 0; b < l.size(); ++b)
     TORCH_CHECK_VALUE(l[b] >= 0 && l[b] <= Smax, "block_attention_decode: cache_seqlens[", b, "] = ", l[b],
                       " is outside [0, Smax = ", Smax, "]");
   return lens;
 }
 
-// Runs the decode form on contiguous copies of the inputs; `lens` is cache_seqlens where the kernel reads
-// it (host memory for the CPU kernel, the device for CUDA).
+// The paged form's block table: int32 [B, max_pages] on the CPU or q's device, pages of a multiple of 8 rows.
+void check_block_table(const Tensor& q, const Tensor& k_cache, const Tensor& block_table) {
+  const char* op = "block_attention_decode";
+  llada::bindings::check_defined(op, {{"block_table", &block_table}});
+  TORCH_CHECK_TYPE(block_table.scalar_type() == at::kInt, op, ": block_table must be int32, got ",
+                   block_table.scalar_type());
+  TORCH_CHECK_VALUE(block_table.dim() == 2 && block_table.size(0) == q.size(0), op,
+                    ": block_table must be [B, max_pages] with B = ", q.size(0), " as in q, got shape ",
+                    block_table.sizes());
+  TORCH_CHECK_VALUE(block_table.is_cpu() || block_table.device() == q.device(), op, ": block_table is on ",
+                    block_table.device(), " but q is on ", q.device(), " (it may also be on the CPU)");
+  const int64_t page_size = k_cache.size(1);
+  TORCH_CHECK_VALUE(page_size >= 8 && page_size % 8 == 0, op,
+                    ": the page size (k_cache.size(1)) must be a positive multiple of 8, got ", page_size);
+  TORCH_CHECK_VALUE(block_table.size(1) * page_size <= INT32_MAX, op, ": block_table holds ", block_table.size(1),
+                    " pages of ", page_size, " rows, more rows than int32 cache_seqlens can count");
+}
+
+// cache_seqlens of the paged form on the host as the kernel reads them (contiguous), each checked to lie in
+// [0, max_pages * page_size].
+Tensor checked_paged_seqlens(const Tensor& cache_seqlens, int64_t max_pages, int64_t page_size) {
+  const Tensor lens = cache_seqlens.cpu().contiguous();
+  const llada::bindings::HostValues<int32_t> l(lens);
+  for (int64_t b = 0; b < l.size(); ++b)
+    TORCH_CHECK_VALUE(l[b] >= 0 && l[b] <= max_pages * page_size, "block_attention_decode: cache_seqlens[", b,
+                      "] = ", l[b], " is outside [0, max_pages * page_size = ", max_pages * page_size, "]");
+  return lens;
+}
+
+// The pages each sequence reads (block_table[b, :ceil(cache_seqlens[b] / page_size)], on the host, as the kernel
+// reads them) are pages of the pool; the table's other entries may hold anything.
+void check_block_table_pages(const Tensor& host_table, const Tensor& host_lens, int64_t page_size, int64_t num_pages) {
+  const llada::bindings::HostValues<int32_t> l(host_lens);
+  for (int64_t b = 0; b < host_table.size(0); ++b) {
+    const llada::bindings::HostValues<int32_t> pages(host_table[b]);
+    for (int64_t i = 0; i * page_size < l[b]; ++i)
+      TORCH_CHECK_VALUE(pages[i] >= 0 && pages[i] < num_pages, "block_attention_decode: block_table[", b, ", ", i,
+                        "] = ", pages[i], " is not a page of k_cache (num_pages = ", num_pages, "), but sequence ", b,
+                        " reads it (cache_seqlens[", b, "] = ", l[b], ")");
+  }
+}
+
+// The index tensors of one decode call as the kernel reads them, and the bound of cache_seqlens known on the host.
+struct DecodeIndex {
+  Tensor lens;   // cache_seqlens
+  Tensor table;  // block_table, or undefined for the contiguous cache
+  int64_t max_cache_seqlen;
+};
+
+// Validates what is on the host: cache_seqlens (and with it the pages each sequence reads, when block_table is on
+// the host too). Values on a GPU are not read (no device synchronisation): the kernel clamps them instead.
+DecodeIndex paged_index(const Tensor& q, const Tensor& k_cache, const Tensor& cache_seqlens, const Tensor& block_table) {
+  const int64_t max_pages = block_table.size(1), page_size = k_cache.size(1), capacity = max_pages * page_size;
+  DecodeIndex index{cache_seqlens, block_table.contiguous(), capacity};
+  if (cache_seqlens.is_cpu()) {
+    index.lens = checked_paged_seqlens(cache_seqlens, max_pages, page_size);
+    const llada::bindings::HostValues<int32_t> l(index.lens);
+    index.max_cache_seqlen = 0;
+    for (int64_t b = 0; b < l.size(); ++b) index.max_cache_seqlen = std::max<int64_t>(index.max_cache_seqlen, l[b]);
+    if (block_table.is_cpu()) check_block_table_pages(index.table, index.lens, page_size, k_cache.size(0));
+  }
+  return index;
+}
+
+// Runs the decode form on contiguous copies of the inputs; `index` holds cache_seqlens (and block_table) where
+// the kernel reads them (host memory for the CPU kernel, the device for CUDA).
 template <class Kernel>
 std::tuple<Tensor, Tensor> run_decode(const Tensor& q_in, const Tensor& k_cache_in, const Tensor& v_cache_in,
-                                      const Tensor& lens, const Tensor& k_new_in, const Tensor& v_new_in,
+                                      const DecodeIndex& index, const Tensor& k_new_in, const Tensor& v_new_in,
                                       double softmax_scale, Kernel&& kernel) {
   const Tensor q = q_in.contiguous(), k_cache = k_cache_in.contiguous(), v_cache = v_cache_in.contiguous();
-  const Tensor k_new = k_new_in.contiguous(), v_new = v_new_in.contiguous(), lens_c = lens.contiguous();
+  const Tensor k_new = k_new_in.contiguous(), v_new = v_new_in.contiguous(), lens_c = index.lens.contiguous();
   Tensor out = at::empty(q.sizes(), q.options());
   Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   llada::BlockAttentionDecodeParams p;
@@ -319,37 +387,72 @@ std::tuple<Tensor, Tensor> run_decode(const Tensor& q_in, const Tensor& k_cache_
   p.batch = q.size(0);
   p.block = q.size(1);
   p.cache_capacity = k_cache.size(1);
+  p.max_cache_seqlen = index.max_cache_seqlen;
   p.heads_q = q.size(2);
   p.heads_kv = k_cache.size(2);
   p.head_dim = q.size(3);
   p.softmax_scale = static_cast<float>(softmax_scale);
+  if (index.table.defined()) {
+    p.block_table = index.table.data_ptr<int32_t>();
+    p.max_pages = index.table.size(1);
+    p.page_size = k_cache.size(1);
+    p.num_pages = k_cache.size(0);
+    p.cache_capacity = p.max_pages * p.page_size;
+  }
   p.out = out.data_ptr();
   p.lse = lse.data_ptr<float>();
   check_status(kernel(p), "block_attention_decode");
   return {out, lse};
 }
 
+// The index tensors on the host, validated: cache_seqlens, and block_table with the pages each sequence reads.
+DecodeIndex host_index(const Tensor& q, const Tensor& k_cache, const Tensor& cache_seqlens,
+                       const std::optional<Tensor>& block_table) {
+  if (!block_table.has_value()) {
+    const Tensor lens = checked_cache_seqlens(cache_seqlens, k_cache.size(1));
+    const llada::bindings::HostValues<int32_t> l(lens);
+    int64_t longest = 0;
+    for (int64_t b = 0; b < l.size(); ++b) longest = std::max<int64_t>(longest, l[b]);
+    return DecodeIndex{lens, Tensor(), longest};
+  }
+  return paged_index(q, k_cache, cache_seqlens, *block_table);
+}
+
+void check_decode_call(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& cache_seqlens,
+                       const Tensor& k_new, const Tensor& v_new, double softmax_scale,
+                       const std::optional<Tensor>& block_table) {
+  check_decode_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, block_table.has_value());
+  if (block_table.has_value()) check_block_table(q, k_cache, *block_table);
+}
+
 std::tuple<Tensor, Tensor> block_attention_decode(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                                                   const Tensor& cache_seqlens, const Tensor& k_new,
-                                                  const Tensor& v_new, double softmax_scale) {
-  check_decode_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale);
-  const Tensor lens = checked_cache_seqlens(cache_seqlens, k_cache.size(1));
-  return run_decode(q, k_cache, v_cache, lens, k_new, v_new, softmax_scale,
+                                                  const Tensor& v_new, double softmax_scale,
+                                                  const std::optional<Tensor>& block_table) {
+  check_decode_call(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, block_table);
+  return run_decode(q, k_cache, v_cache, host_index(q, k_cache, cache_seqlens, block_table), k_new, v_new,
+                    softmax_scale,
                     [](const llada::BlockAttentionDecodeParams& p) { return llada::block_attention_decode_cpu(p); });
 }
 
 #ifdef LLADA_WITH_CUDA
+// A host tensor on q's device without waiting for the device (pinned memory, asynchronous copy).
+Tensor upload(const Tensor& host, const Tensor& q) { return host.pin_memory().to(q.device(), /*non_blocking=*/true); }
+
 std::tuple<Tensor, Tensor> block_attention_decode_cuda(const Tensor& q, const Tensor& k_cache,
                                                        const Tensor& v_cache, const Tensor& cache_seqlens,
                                                        const Tensor& k_new, const Tensor& v_new,
-                                                       double softmax_scale) {
-  check_decode_args(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale);
-  const Tensor host_lens = checked_cache_seqlens(cache_seqlens, k_cache.size(1));
+                                                       double softmax_scale,
+                                                       const std::optional<Tensor>& block_table) {
+  check_decode_call(q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale, block_table);
+  // The contiguous form copies cache_seqlens from a GPU to validate it (one synchronisation); the paged form
+  // validates only what is on the host and trusts device values (the kernel clamps them into the cache).
+  DecodeIndex index = host_index(q, k_cache, cache_seqlens, block_table);
   const c10::cuda::CUDAGuard guard(q.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  // Lengths given on the CPU were validated there and go up without waiting for the device (pinned memory).
-  const Tensor lens = cache_seqlens.is_cuda() ? cache_seqlens : host_lens.pin_memory().to(q.device(), true);
-  return run_decode(q, k_cache, v_cache, lens, k_new, v_new, softmax_scale,
+  index.lens = cache_seqlens.is_cuda() ? cache_seqlens : upload(index.lens, q);
+  if (index.table.defined() && index.table.is_cpu()) index.table = upload(index.table, q);
+  return run_decode(q, k_cache, v_cache, index, k_new, v_new, softmax_scale,
                     [stream, &q](const llada::BlockAttentionDecodeParams& p) {
                       const Tensor workspace = at::empty({llada::block_attention_decode_cuda_workspace_bytes(p)},
                                                          q.options().dtype(at::kByte));

@@ -15,6 +15,20 @@ TORCH_LIBRARY(llada, m) {
       "commit_tokens_(Tensor(a!) tokens, Tensor logits, Tensor min_commit, *, int mask_id, float threshold, "
       "float temperature, int top_k, float top_p, int seed, int offset) "
       "-> (Tensor committed, Tensor confidence, Tensor candidates)");
+  // commit_tokens with one threshold, temperature, top_k, top_p, seed and offset per sequence ([B] tensors
+  // on the tokens' device or the CPU): sequence b behaves as the call on sequence b alone. own_streams: the
+  // Philox counter of position l of sequence b is l (its own stream), else b * L + l (one stream, as
+  // commit_tokens). Never fails on NaN logits: invalid [B] flags the sequences whose logits held one.
+  m.def(
+      "commit_tokens_per_seq(Tensor tokens, Tensor logits, Tensor min_commit, Tensor threshold, "
+      "Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, *, int mask_id, "
+      "bool own_streams=True) -> (Tensor tokens, Tensor committed, Tensor confidence, Tensor candidates, "
+      "Tensor invalid)");
+  // Same as commit_tokens_per_seq, writing the commits into `tokens` in place.
+  m.def(
+      "commit_tokens_per_seq_(Tensor(a!) tokens, Tensor logits, Tensor min_commit, Tensor threshold, "
+      "Tensor temperature, Tensor top_k, Tensor top_p, Tensor seed, Tensor offset, *, int mask_id, "
+      "bool own_streams=True) -> (Tensor committed, Tensor confidence, Tensor candidates, Tensor invalid)");
   // LLaDA2 gate: sigmoid scores, group-limited top-k on scores + expert_bias, normalised unbiased weights.
   m.def(
       "moe_route(Tensor router_logits, Tensor? expert_bias, *, int top_k, int n_group, int topk_group, "
@@ -31,7 +45,7 @@ TORCH_LIBRARY(llada, m) {
   m.def("moe_grouped_gemm(Tensor a, Tensor b, Tensor offsets) -> Tensor");
   // Weight gradient of moe_grouped_gemm: grad_b[g] = grad_out[rows of g]^T @ a[rows of g], [E, N, K].
   m.def("moe_grouped_gemm_wgrad(Tensor grad_out, Tensor a, Tensor offsets) -> Tensor");
-  // Block attention over packed varlen documents (DESIGN.md §3.1), mask "block_causal" or "bd3":
+  // Block attention over packed varlen documents (docs/ARCHITECTURE.md, Block attention), mask "block_causal" or "bd3":
   // the output [Tq, Hq, D] and the fp32 log-sum-exp of the scaled masked scores [Tq, Hq].
   // kernel (CUDA): "auto", "flash2" (FlashAttention-2 style, sm_80+) or "hopper" (wgmma + TMA, sm_90a).
   m.def(
@@ -46,7 +60,9 @@ TORCH_LIBRARY(llada, m) {
   // Decoding: the current block's queries [B, Lb, Hq, D] against the first cache_seqlens[b] rows of a
   // contiguous per-sequence cache [B, Smax, Hkv, D] plus the block's own keys, no mask inside the block.
   // cache_seqlens int32 [B] on q's device, or on the CPU (validated there, no device synchronisation).
+  // With block_table (int32 [B, max_pages], on q's device or the CPU) the caches are page pools
+  // [num_pages, page_size, Hkv, D]: cached row r of sequence b is row r % page_size of page block_table[b, r // page_size].
   m.def(
       "block_attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, Tensor k_new, "
-      "Tensor v_new, *, float softmax_scale) -> (Tensor out, Tensor lse)");
+      "Tensor v_new, *, float softmax_scale, Tensor? block_table=None) -> (Tensor out, Tensor lse)");
 }

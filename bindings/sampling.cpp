@@ -1,5 +1,6 @@
 // Bindings of the parallel token-commit family (csrc/sampling): validate the tensors, fill
-// llada::CommitTokensParams, pick the stream and call the CPU or CUDA kernel.
+// llada::CommitTokensParams, pick the stream and call the CPU or CUDA kernel. commit_tokens takes its
+// sampling parameters as scalars; commit_tokens_per_seq as [B] tensors, one value per sequence.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -149,16 +150,135 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> commit_tokens(const Tensor& tokens, c
   return {out, committed, confidence, candidates};
 }
 
+// --- Per-sequence parameters ---------------------------------------------------------------------------------
+
+// The [B] parameter tensors of commit_tokens_per_seq, where the kernel reads them.
+struct PerSequenceTensors {
+  Tensor threshold, temperature, top_k, top_p, seed, offset;
+};
+
+// One per-sequence parameter: `dtype` [B], on the tokens' device or the CPU (made contiguous where the kernel
+// reads it).
+void check_per_seq(const Tensor& t, const char* name, at::ScalarType dtype, const Tensor& tokens) {
+  TORCH_CHECK_TYPE(t.defined(), "commit_tokens: ", name, " must be a tensor, got None");
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, "commit_tokens: ", name, " must be ", dtype, " [B], got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == tokens.size(0), "commit_tokens: ", name, " must be [B] = [",
+                    tokens.size(0), "], got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.is_cpu() || t.device() == tokens.device(), "commit_tokens: ", name, " is on ", t.device(),
+                    " but tokens are on ", tokens.device(), " (it may also be on the CPU)");
+}
+
+// The values of a per-sequence parameter on the host (read through its stride), each checked by `ok`; `range`
+// names the valid set.
+template <class T, class Ok>
+void check_host_values(const Tensor& t, const char* name, const char* range, Ok&& ok) {
+  if (!t.is_cpu()) return;  // on the device: trusted (see commit_tokens_per_seq)
+  const llada::bindings::HostValues<T> v(t);
+  for (int64_t b = 0; b < v.size(); ++b)
+    TORCH_CHECK_VALUE(ok(v[b]), "commit_tokens: ", name, "[", b, "] = ", v[b], " is outside ", range);
+}
+
+PerSequenceTensors checked_per_seq(const Tensor& tokens, const Tensor& threshold, const Tensor& temperature,
+                                   const Tensor& top_k, const Tensor& top_p, const Tensor& seed,
+                                   const Tensor& offset) {
+  check_per_seq(threshold, "threshold", at::kFloat, tokens);
+  check_per_seq(temperature, "temperature", at::kFloat, tokens);
+  check_per_seq(top_k, "top_k", at::kInt, tokens);
+  check_per_seq(top_p, "top_p", at::kFloat, tokens);
+  check_per_seq(seed, "seed", at::kLong, tokens);
+  check_per_seq(offset, "offset", at::kLong, tokens);
+  check_host_values<float>(threshold, "threshold", "[0, 1]", [](float x) { return x >= 0.0f && x <= 1.0f; });
+  check_host_values<float>(temperature, "temperature", "[0, inf) (finite)",
+                           [](float x) { return std::isfinite(x) && x >= 0.0f; });
+  check_host_values<int32_t>(top_k, "top_k", "[0, inf)", [](int32_t x) { return x >= 0; });
+  check_host_values<float>(top_p, "top_p", "(0, 1]", [](float x) { return x > 0.0f && x <= 1.0f; });
+  // Where the kernel reads them: contiguous, on the tokens' device (host values uploaded without a sync).
+  const auto place = [&tokens](const Tensor& t) {
+    const Tensor c = t.contiguous();
+    if (c.device() == tokens.device()) return c;
+    return c.pin_memory().to(tokens.device(), /*non_blocking=*/true);
+  };
+  return PerSequenceTensors{place(threshold), place(temperature), place(top_k), place(top_p), place(seed),
+                            place(offset)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> commit_tokens_per_seq_inplace(
+    Tensor tokens, const Tensor& logits, const Tensor& min_commit, const Tensor& threshold,
+    const Tensor& temperature, const Tensor& top_k, const Tensor& top_p, const Tensor& seed, const Tensor& offset,
+    int64_t mask_id, bool own_streams) {
+  llada::bindings::check_defined("commit_tokens", {{"tokens", &tokens}, {"logits", &logits},
+                                                   {"min_commit", &min_commit}});
+  // The scalars are placeholders (valid values): every kernel reads the per-sequence pointers instead.
+  llada::CommitTokensParams p = make_params(tokens, logits, min_commit, mask_id, 0.0, 0.0, 0, 1.0, 0, 0);
+  const PerSequenceTensors per = checked_per_seq(tokens, threshold, temperature, top_k, top_p, seed, offset);
+  p.per_seq.threshold = per.threshold.data_ptr<float>();
+  p.per_seq.temperature = per.temperature.data_ptr<float>();
+  p.per_seq.top_k = per.top_k.data_ptr<int32_t>();
+  p.per_seq.top_p = per.top_p.data_ptr<float>();
+  p.per_seq.seed = per.seed.data_ptr<int64_t>();
+  p.per_seq.offset = per.offset.data_ptr<int64_t>();
+  p.own_streams = own_streams;
+  Tensor committed = at::empty(tokens.sizes(), tokens.options().dtype(at::kBool));
+  Tensor confidence = at::empty(tokens.sizes(), tokens.options().dtype(at::kFloat));
+  Tensor candidates = at::empty(tokens.sizes(), tokens.options());
+  Tensor invalid = at::zeros({tokens.size(0)}, tokens.options().dtype(at::kBool));
+  p.committed = committed.data_ptr<bool>();
+  p.confidence = confidence.data_ptr<float>();
+  p.candidates = candidates.data_ptr<int64_t>();
+  p.invalid = invalid.data_ptr<bool>();
+
+  if (tokens.is_cpu()) {
+    if (p.batch > 0) {
+      const int32_t min_value = min_commit.min().item<int32_t>();
+      TORCH_CHECK_VALUE(min_value >= 0, "commit_tokens: min_commit must be >= 0, got ", min_value);
+    }
+    const llada::Status s = llada::commit_tokens_cpu(p);
+    TORCH_CHECK(s == llada::Status::kOk, "commit_tokens: ", llada::status_string(s));
+  } else {
+#ifdef LLADA_WITH_CUDA
+    TORCH_CHECK_VALUE(p.vocab < (int64_t{1} << 24), "commit_tokens: logits vocabulary must be below 2^24 on CUDA, got ",
+                      p.vocab);
+    const c10::cuda::CUDAGuard guard(tokens.device());
+    const Tensor workspace =
+        at::empty({llada::commit_tokens_cuda_workspace_bytes(p)}, tokens.options().dtype(at::kByte));
+    p.workspace = workspace.numel() > 0 ? workspace.data_ptr() : nullptr;
+    const llada::Status s = llada::commit_tokens_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(s == llada::Status::kOk, "commit_tokens: ", llada::status_string(s));
+#else
+    TORCH_CHECK(false, "commit_tokens: llada_engine was built without CUDA kernels");
+#endif
+  }
+  return {committed, confidence, candidates, invalid};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> commit_tokens_per_seq(
+    const Tensor& tokens, const Tensor& logits, const Tensor& min_commit, const Tensor& threshold,
+    const Tensor& temperature, const Tensor& top_k, const Tensor& top_p, const Tensor& seed, const Tensor& offset,
+    int64_t mask_id, bool own_streams) {
+  llada::bindings::check_defined("commit_tokens", {{"tokens", &tokens}});
+  TORCH_CHECK_TYPE(tokens.scalar_type() == at::kLong, "commit_tokens: tokens must be int64, got ",
+                   tokens.scalar_type());
+  Tensor out = tokens.contiguous().clone();
+  auto [committed, confidence, candidates, invalid] = commit_tokens_per_seq_inplace(
+      out, logits, min_commit, threshold, temperature, top_k, top_p, seed, offset, mask_id, own_streams);
+  return {out, committed, confidence, candidates, invalid};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(llada, CPU, m) {
   m.impl("commit_tokens", &commit_tokens);
   m.impl("commit_tokens_", &commit_tokens_inplace);
+  m.impl("commit_tokens_per_seq", &commit_tokens_per_seq);
+  m.impl("commit_tokens_per_seq_", &commit_tokens_per_seq_inplace);
 }
 
 #ifdef LLADA_WITH_CUDA
 TORCH_LIBRARY_IMPL(llada, CUDA, m) {
   m.impl("commit_tokens", &commit_tokens);
   m.impl("commit_tokens_", &commit_tokens_inplace);
+  m.impl("commit_tokens_per_seq", &commit_tokens_per_seq);
+  m.impl("commit_tokens_per_seq_", &commit_tokens_per_seq_inplace);
 }
 #endif

@@ -8,7 +8,7 @@ import torch
 from .version import __version__
 
 try:
-    from . import _C
+    import llada_engine._C as _C  # (not `from . import _C`, whose error on a missing file blames a circular import)
     _IMPORT_ERROR = None
 except ImportError as error:  # not built, or built against another torch
     _C = None

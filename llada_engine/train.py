@@ -24,9 +24,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m llada_engine.train", description=__doc__.splitlines()[0])
+    from llada_engine.cli import Parser, run_reporting
+
+    parser = Parser(prog="python -m llada_engine.train", description=__doc__.splitlines()[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run_reporting(parser.prog, run, parser.parse_args(argv), parser)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,15 @@ from typing import Any, Callable, Optional
 import torch
 
 from llada_engine import ops
+from llada_engine.ops.commit_tokens import commit_tokens_per_seq_ref
+
+
+def _llada(name: str) -> Callable[..., Any]:
+    """torch.ops.llada.<name>, looked up when called (so that this module imports where the extension is not
+    built: the suite then collects and skips the tests that need it)."""
+    def call(*args, **kwargs):
+        return getattr(torch.ops.llada, name)(*args, **kwargs)
+    return call
 
 
 @dataclass
@@ -92,12 +101,13 @@ COMMIT_KW = dict(mask_id=3, threshold=0.6, temperature=0.0, top_k=0, top_p=1.0, 
 
 
 def _commit_ref(tokens, logits, min_commit, **kw):
-    return tuple(ops.commit_tokens_ref(tokens, logits, min_commit=min_commit, **kw))
+    """The reference of the ops with scalar parameters, which return no `invalid` (they raise instead)."""
+    return tuple(ops.commit_tokens_ref(tokens, logits, min_commit=min_commit, **kw))[:4]
 
 
 def commit_tokens_op(g):
     tokens, logits, min_commit = _commit_inputs(g)
-    return OpCase("llada.commit_tokens", torch.ops.llada.commit_tokens,
+    return OpCase("llada.commit_tokens", _llada("commit_tokens"),
                   dict(tokens=tokens, logits=logits, min_commit=min_commit), dict(COMMIT_KW), _commit_ref,
                   index=dict(min_commit=torch.tensor([1, -1], dtype=torch.int32)))
 
@@ -130,6 +140,47 @@ def commit_tokens_inplace_public(g):
     return OpCase("commit_tokens_", _commit_public(ops.commit_tokens_), dict(tokens=tokens, logits=logits),
                   dict(COMMIT_KW, min_commit=min_commit), _commit_public(ops.commit_tokens_ref),
                   index=dict(min_commit=torch.tensor([1, -1], dtype=torch.int32)))
+
+
+def _per_seq_params(g):
+    """The six [B] parameter tensors of commit_tokens_per_seq for B = 2: a greedy and a sampled sequence."""
+    return dict(threshold=torch.tensor([0.6, 0.3]), temperature=torch.tensor([0.0, 0.9]),
+                top_k=torch.tensor([0, 4], dtype=torch.int32), top_p=torch.tensor([1.0, 0.8]),
+                seed=torch.randint(-2**63, 2**63 - 1, (2,), generator=g, dtype=torch.int64),
+                offset=torch.tensor([0, 2**63 - 1]))
+
+
+def _commit_per_seq_ref(tokens, logits, min_commit, *params, **kw):
+    return tuple(commit_tokens_per_seq_ref(tokens, logits, min_commit, *params, **kw))
+
+
+PER_SEQ_INDEX = dict(min_commit=torch.tensor([1, -1], dtype=torch.int32),
+                     top_k=torch.tensor([0, -2], dtype=torch.int32))
+
+
+def commit_tokens_per_seq_op(g):
+    tokens, logits, min_commit = _commit_inputs(g)
+    return OpCase("llada.commit_tokens_per_seq", _llada("commit_tokens_per_seq"),
+                  dict(tokens=tokens, logits=logits, min_commit=min_commit, **_per_seq_params(g)),
+                  dict(mask_id=3, own_streams=True), _commit_per_seq_ref, index=dict(PER_SEQ_INDEX))
+
+
+def _commit_per_seq_inplace(tokens, logits, min_commit, *params, **kw):
+    return (tokens, *torch.ops.llada.commit_tokens_per_seq_(tokens, logits, min_commit, *params, **kw))
+
+
+def commit_tokens_per_seq_inplace_op(g):
+    tokens, logits, min_commit = _commit_inputs(g)
+    return OpCase("llada.commit_tokens_per_seq_", _commit_per_seq_inplace,
+                  dict(tokens=tokens, logits=logits, min_commit=min_commit, **_per_seq_params(g)),
+                  dict(mask_id=3, own_streams=False), _commit_per_seq_ref, index=dict(PER_SEQ_INDEX))
+
+
+def commit_tokens_per_seq_public(g):
+    tokens, logits, min_commit = _commit_inputs(g)
+    return OpCase("commit_tokens.per_seq", _commit_public(ops.commit_tokens), dict(tokens=tokens, logits=logits),
+                  dict(mask_id=3, min_commit=min_commit, **_per_seq_params(g)), _commit_public(ops.commit_tokens_ref),
+                  index=dict(PER_SEQ_INDEX))
 
 
 # ---- MoE --------------------------------------------------------------------------------------------
@@ -177,7 +228,7 @@ def _unpermute_backward_ref(grad_out, y, inverse, topk_weights):
 
 
 def moe_unpermute_backward_op(g):
-    return OpCase("llada.moe_unpermute_backward", torch.ops.llada.moe_unpermute_backward,
+    return OpCase("llada.moe_unpermute_backward", _llada("moe_unpermute_backward"),
                   dict(grad_out=torch.randn(5, 6, generator=g), y=torch.randn(10, 6, generator=g),
                        inverse=_inverse(g, 10), topk_weights=torch.rand(5, 2, generator=g)), {},
                   _unpermute_backward_ref, index=dict(inverse=_bad_inverse(10)))
@@ -201,7 +252,7 @@ def _wgrad_ref(grad_out, a, offsets):
 
 
 def moe_grouped_gemm_wgrad_op(g):
-    return OpCase("llada.moe_grouped_gemm_wgrad", torch.ops.llada.moe_grouped_gemm_wgrad,
+    return OpCase("llada.moe_grouped_gemm_wgrad", _llada("moe_grouped_gemm_wgrad"),
                   dict(grad_out=torch.randn(7, 5, generator=g), a=torch.randn(7, 6, generator=g),
                        offsets=torch.tensor(OFFSETS, dtype=torch.int32)), {}, _wgrad_ref,
                   index=dict(offsets=torch.tensor(BAD_OFFSETS, dtype=torch.int32)))
@@ -239,7 +290,7 @@ def _attention_ref(*args, **kw):
 
 
 def block_attention_fwd_op(g):
-    return OpCase("llada.block_attention_fwd", torch.ops.llada.block_attention_fwd, _attention_inputs(g),
+    return OpCase("llada.block_attention_fwd", _llada("block_attention_fwd"), _attention_inputs(g),
                   dict(ATTN_KW, kernel="auto"), _attention_ref,
                   index=dict(cu_seqlens_q=_bad_cu(), cu_seqlens_k=_bad_cu()), nan_within_reference=frozenset({"v"}))
 
@@ -272,7 +323,7 @@ def block_attention_bwd_op(g):
     q = inputs.pop("q")
     args = dict(dout=torch.randn(out.shape, generator=g), q=q, k=inputs.pop("k"), v=inputs.pop("v"), out=out,
                 lse=lse, dlse=torch.randn(lse.shape, generator=g), **inputs)
-    return OpCase("llada.block_attention_bwd", torch.ops.llada.block_attention_bwd, args,
+    return OpCase("llada.block_attention_bwd", _llada("block_attention_bwd"), args,
                   dict(ATTN_KW, kernel="auto"), _attention_bwd_ref,
                   index=dict(cu_seqlens_q=_bad_cu(), cu_seqlens_k=_bad_cu()),
                   nan_within_reference=frozenset({"dout", "q", "k", "v", "out", "lse", "dlse"}),
@@ -286,10 +337,47 @@ def _decode_inputs(g):
 
 
 def block_attention_decode_op(g):
-    return OpCase("llada.block_attention_decode", torch.ops.llada.block_attention_decode, _decode_inputs(g),
+    return OpCase("llada.block_attention_decode", _llada("block_attention_decode"), _decode_inputs(g),
                   dict(softmax_scale=0.35), lambda *a, **kw: ops.block_attention_decode_ref(*a, return_lse=True, **kw),
                   index=dict(cache_seqlens=torch.tensor([2, 6], dtype=torch.int32)),
                   nan_within_reference=frozenset({"v_cache", "v_new"}))
+
+
+PAGE = 8  # rows per page of the paged cases
+
+
+def _paged_inputs(g):
+    """The decode inputs with a paged cache: 4 pages of 8 rows, sequence 0 on pages [2, -] (5 rows; its second
+    entry is never read), sequence 1 on pages [0, 3] (11 rows); page 1 is owned by no one."""
+    return dict(q=torch.randn(2, 3, 2, 8, generator=g), k_cache=torch.randn(4, PAGE, 1, 8, generator=g),
+                v_cache=torch.randn(4, PAGE, 1, 8, generator=g), cache_seqlens=torch.tensor([5, 11], dtype=torch.int32),
+                k_new=torch.randn(2, 3, 1, 8, generator=g), v_new=torch.randn(2, 3, 1, 8, generator=g),
+                block_table=torch.tensor([[2, -1], [0, 3]], dtype=torch.int32))
+
+
+PAGED_INDEX = dict(cache_seqlens=torch.tensor([5, 17], dtype=torch.int32),
+                   block_table=torch.tensor([[2, -1], [0, 4]], dtype=torch.int32))
+
+
+def _paged_op(*args, block_table, **kw):
+    return torch.ops.llada.block_attention_decode(*args, block_table=block_table, **kw)
+
+
+def block_attention_decode_paged_op(g):
+    inputs = _paged_inputs(g)
+    block_table = inputs.pop("block_table")
+    return OpCase("llada.block_attention_decode.paged", _paged_op, inputs,
+                  dict(softmax_scale=0.35, block_table=block_table),
+                  lambda *a, **kw: ops.block_attention_decode_ref(*a, return_lse=True, **kw),
+                  index=dict(PAGED_INDEX), nan_within_reference=frozenset({"v_cache", "v_new"}))
+
+
+def block_attention_decode_paged_public(g):
+    inputs = _paged_inputs(g)
+    block_table = inputs.pop("block_table")
+    return OpCase("block_attention_decode.paged", ops.block_attention_decode, inputs,
+                  dict(softmax_scale=0.35, return_lse=True, block_table=block_table), ops.block_attention_decode_ref,
+                  index=dict(PAGED_INDEX), nan_within_reference=frozenset({"v_cache", "v_new"}))
 
 
 def block_attention_decode_public(g):
@@ -302,15 +390,18 @@ def block_attention_decode_public(g):
 CASES: dict[str, Callable[[torch.Generator], OpCase]] = {
     "llada.commit_tokens": commit_tokens_op,
     "llada.commit_tokens_": commit_tokens_inplace_op,
-    "llada.moe_route": moe_route_case("llada.moe_route", torch.ops.llada.moe_route),
-    "llada.moe_permute": moe_permute_case("llada.moe_permute", torch.ops.llada.moe_permute),
-    "llada.moe_unpermute": moe_unpermute_case("llada.moe_unpermute", torch.ops.llada.moe_unpermute),
+    "llada.moe_route": moe_route_case("llada.moe_route", _llada("moe_route")),
+    "llada.moe_permute": moe_permute_case("llada.moe_permute", _llada("moe_permute")),
+    "llada.moe_unpermute": moe_unpermute_case("llada.moe_unpermute", _llada("moe_unpermute")),
     "llada.moe_unpermute_backward": moe_unpermute_backward_op,
-    "llada.moe_grouped_gemm": moe_grouped_gemm_case("llada.moe_grouped_gemm", torch.ops.llada.moe_grouped_gemm),
+    "llada.moe_grouped_gemm": moe_grouped_gemm_case("llada.moe_grouped_gemm", _llada("moe_grouped_gemm")),
     "llada.moe_grouped_gemm_wgrad": moe_grouped_gemm_wgrad_op,
     "llada.block_attention_fwd": block_attention_fwd_op,
     "llada.block_attention_bwd": block_attention_bwd_op,
     "llada.block_attention_decode": block_attention_decode_op,
+    "llada.block_attention_decode.paged": block_attention_decode_paged_op,
+    "llada.commit_tokens_per_seq": commit_tokens_per_seq_op,
+    "llada.commit_tokens_per_seq_": commit_tokens_per_seq_inplace_op,
     "commit_tokens": commit_tokens_public,
     "commit_tokens_": commit_tokens_inplace_public,
     "moe_route": moe_route_case("moe_route", ops.moe_route),
@@ -320,6 +411,8 @@ CASES: dict[str, Callable[[torch.Generator], OpCase]] = {
     "moe_experts": moe_experts_public,
     "block_attention": block_attention_public,
     "block_attention_decode": block_attention_decode_public,
+    "block_attention_decode.paged": block_attention_decode_paged_public,
+    "commit_tokens.per_seq": commit_tokens_per_seq_public,
 }
 
 

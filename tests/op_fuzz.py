@@ -54,7 +54,7 @@ def _random_like(t: torch.Tensor, shape, g: torch.Generator) -> torch.Tensor:
         return torch.randn(shape, generator=g).to(t.dtype)
     if t.dtype == torch.bool:
         return torch.rand(shape, generator=g) > 0.5
-    high = max(int(t.max()) + 2, 2) if t.numel() else 4
+    high = min(max(int(t.max()) + 2, 2), 2**31) if t.numel() else 4  # (seeds: any int64, beyond randint's range)
     return torch.randint(-1, high, shape, generator=g).to(t.dtype)
 
 

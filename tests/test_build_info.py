@@ -10,6 +10,7 @@ import torch
 import llada_engine
 
 
+@pytest.mark.kernels
 def test_build_info_fields():
     info = llada_engine.build_info()
     assert info["version"] == llada_engine.__version__
@@ -27,6 +28,7 @@ def test_cli_info_prints_build_info():
     assert "cuda_kernels" in out and "torch_version" in out
 
 
+@pytest.mark.kernels
 def test_error_messages_keep_their_numbers():
     # An extension carrying its own static libstdc++ formats integers through a second iostreams runtime
     # that does not know torch's locale: the number goes missing (seen on the CPU) or the call crashes.
@@ -38,6 +40,7 @@ def test_error_messages_keep_their_numbers():
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or shutil.which("readelf") is None,
                     reason="reads the ELF dynamic section with readelf")
+@pytest.mark.kernels
 def test_extension_links_the_shared_cxx_runtime():
     dynamic = subprocess.run(["readelf", "-d", llada_engine._C.__file__], capture_output=True, text=True,
                              check=True).stdout

@@ -9,6 +9,8 @@ import pytest
 
 from model_testing import tiny_checkpoint
 
+pytestmark = pytest.mark.kernels
+
 
 def run_cli(*args, check=True):
     return subprocess.run([sys.executable, "-m", "llada_engine.cli", *args], capture_output=True, text=True,

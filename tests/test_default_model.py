@@ -25,6 +25,7 @@ def test_files_match_their_checksums_and_size_limit():
     assert weights <= 20 * 2**20
 
 
+@pytest.mark.kernels
 def test_loads_by_name_and_generates_in_bf16():
     model = llada_engine.load_model("default")
     tokenizer = llada_engine.load_tokenizer("default")
@@ -38,6 +39,7 @@ def default_fp32():
     return llada_engine.load_model("default", dtype=torch.float32), llada_engine.load_tokenizer("default")
 
 
+@pytest.mark.kernels
 def test_greedy_generation_is_deterministic_printable_text(default_fp32):
     model, tokenizer = default_fp32
     prompt = tokenizer.encode("ROMEO:\n").ids
@@ -48,6 +50,7 @@ def test_greedy_generation_is_deterministic_printable_text(default_fp32):
     assert text.strip() and all(c.isprintable() or c.isspace() for c in text)
 
 
+@pytest.mark.kernels
 def test_cached_equals_uncached(default_fp32):
     model, tokenizer = default_fp32
     prompts = [tokenizer.encode(p).ids for p in ("JULIET:\n", "KING HENRY:\nOnce more unto the breach")]
@@ -57,12 +60,14 @@ def test_cached_equals_uncached(default_fp32):
         assert cached.sequences == uncached.sequences
 
 
+@pytest.mark.kernels
 def test_cli_generates_with_the_default_model():
     out = subprocess.run([sys.executable, "-m", "llada_engine.cli", "generate", "--gen-length", "32", "ROMEO:"],
                          capture_output=True, text=True, check=True, timeout=300).stdout
     assert "TPF" in out.splitlines()[-1] and len(out.splitlines()) >= 2
 
 
+@pytest.mark.kernels
 def test_recipe_configs_run_a_few_steps(tmp_path):
     def train(config, out, init=None):
         overrides = [f"run.out_dir={out}", "run.eval_every=1000", "run.save_every=1000", "optim.warmup_steps=1",

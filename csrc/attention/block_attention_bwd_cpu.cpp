@@ -1,4 +1,4 @@
-// C++ CPU backward of block attention (DESIGN.md §3.1): dq, dk, dv from dout, the forward's out and
+// C++ CPU backward (docs/ARCHITECTURE.md, Block attention): dq, dk, dv from dout, the forward's out and
 // lse, recomputing the probabilities tile by tile (FlashAttention-2), with the forward's tile skipping.
 //
 // Keys and values are converted once to fp32 tiles (attention/kv_tiles.h). Two passes, no atomics,

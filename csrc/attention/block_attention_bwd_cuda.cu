@@ -1,4 +1,4 @@
-// CUDA backward of block attention (DESIGN.md §3.1) on CuTe: FlashAttention-2's backward for sm_80 and
+// CUDA backward (docs/ARCHITECTURE.md, Block attention) on CuTe: FlashAttention-2's backward for sm_80 and
 // sm_90 (SM80 bf16/fp16 tensor-core MMA, fp32 accumulation), bf16/fp16, D in {64, 128}.
 //
 // Three launches on the caller's stream, no allocation (the caller passes the workspace):

@@ -1,4 +1,4 @@
-// Hopper backward of block attention (DESIGN.md §3.1) for sm_90a: the main kernel of the backward (the row
+// Hopper backward (docs/ARCHITECTURE.md, Block attention) for sm_90a: the main kernel of the backward (the row
 // deltas before it and the dq conversion after it are block_attention_bwd_cuda.cu's), TMA loads, wgmma, warp
 // specialisation. bf16/fp16, D in {64, 128}, 16-byte aligned rows (block_attention_bwd_sm90_supported).
 //

@@ -1,5 +1,5 @@
-// C++ CPU forward of block attention (DESIGN.md §3.1): the varlen document-masked forward and the
-// decode-time form against a contiguous per-sequence cache.
+// C++ CPU forward (docs/ARCHITECTURE.md, Block attention): the varlen document-masked forward and the
+// decode-time form against a per-sequence cache, contiguous or paged.
 //
 // One task is (sequence, query tile of BQ rows, query head). It keeps the tile's output, running max
 // and running sum in fp32 and walks the key tiles of the sequence with an online softmax
@@ -123,14 +123,28 @@ LLADA_CPU_MULTIVERSION void forward_task(const BlockAttentionParams& p, const cp
   tile.finish(out, p.heads_q * D, p.dtype, p.lse + (cq + q0) * p.heads_q + h, p.heads_q);
 }
 
-// Folds one key / value tile (rows row0.. of a [*, Hkv, D] tensor) into the G query tiles of a GQA group;
-// the tile is converted once into ws[0].kt / ws[0].v.
+// Rows first.. of one kv head of a [*, Hkv, D] tensor: row j of `base`, or with `pages` (a sequence's page
+// list) row j % page_size of page pages[j / page_size].
+struct KvRows {
+  const char* base;  // row 0 of the kv head
+  int64_t row_stride;  // Hkv * D elements
+  DType dtype;
+  int64_t first;
+  const int32_t* pages = nullptr;
+  int64_t page_size = 1;
+
+  LLADA_CPU_INLINE const void* row(int64_t r) const {
+    int64_t j = first + r;
+    if (pages != nullptr) j = pages[j / page_size] * page_size + j % page_size;
+    return base + static_cast<size_t>(j * row_stride) * cpu::dtype_bytes(dtype);
+  }
+};
+
+// Folds one key / value tile (nk rows of k and v) into the G query tiles of a GQA group; the tile is converted
+// once into ws[0].kt / ws[0].v.
 LLADA_CPU_INLINE void decode_add_tile(const BlockAttentionDecodeParams& p, std::vector<FwdScratch>& ws, int64_t nq,
-                                      const void* k_base, const void* v_base, int64_t row0, int64_t nk) {
-  const int64_t D = p.head_dim, Hkv = p.heads_kv;
-  const size_t esize = cpu::dtype_bytes(p.dtype);
-  const cpu::Rows k{static_cast<const char*>(k_base) + static_cast<size_t>(row0 * D) * esize, Hkv * D, p.dtype};
-  const cpu::Rows v{static_cast<const char*>(v_base) + static_cast<size_t>(row0 * D) * esize, Hkv * D, p.dtype};
+                                      const KvRows& k, const KvRows& v, int64_t nk) {
+  const int64_t D = p.head_dim;
   float* kt_tile = ws[0].kt.data();
   float* v_tile = ws[0].v.data();
   cpu::load_tile_transposed(kt_tile, BK, k, nk, D, 1.0f, ws[0].row.data());
@@ -138,7 +152,8 @@ LLADA_CPU_INLINE void decode_add_tile(const BlockAttentionDecodeParams& p, std::
   for (FwdScratch& w : ws) OnlineTile{w, nq, D}.add(kt_tile, v_tile, nk, nullptr);
 }
 
-// One task is (sequence, query tile, kv head): the G query heads of the group share every key tile.
+// One task is (sequence, query tile, kv head): the G query heads of the group share every key tile. The cache
+// rows are cut into the same key tiles whether the cache is contiguous or paged, so both give the same bits.
 LLADA_CPU_MULTIVERSION void decode_task(const BlockAttentionDecodeParams& p, std::vector<FwdScratch>& ws, int64_t b,
                                   int64_t q_tile, int64_t hk) {
   const int64_t D = p.head_dim, Lb = p.block, Hq = p.heads_q, Hkv = p.heads_kv, G = Hq / Hkv;
@@ -149,11 +164,20 @@ LLADA_CPU_MULTIVERSION void decode_task(const BlockAttentionDecodeParams& p, std
     const char* q = static_cast<const char*>(p.q) + static_cast<size_t>(((b * Lb + q0) * Hq + hk * G + g) * D) * esize;
     OnlineTile{ws[g], nq, D}.begin(cpu::Rows{q, Hq * D, p.dtype}, p.softmax_scale);
   }
+  const bool paged = p.block_table != nullptr;
+  const int32_t* pages = paged ? p.block_table + b * p.max_pages : nullptr;
+  const int64_t cache_first = paged ? 0 : b * p.cache_capacity;  // row of the sequence's row 0 in k_cache / v_cache
+  const auto rows = [&](const void* base, int64_t first, const int32_t* page_list) {
+    return KvRows{static_cast<const char*>(base) + static_cast<size_t>(hk * D) * esize, Hkv * D, p.dtype, first,
+                  page_list, paged ? p.page_size : 1};
+  };
   const int64_t cached = p.cache_seqlens[b];
   for (int64_t k0 = 0; k0 < cached; k0 += BK)
-    decode_add_tile(p, ws, nq, p.k_cache, p.v_cache, (b * p.cache_capacity + k0) * Hkv + hk, std::min(BK, cached - k0));
+    decode_add_tile(p, ws, nq, rows(p.k_cache, cache_first + k0, pages), rows(p.v_cache, cache_first + k0, pages),
+                    std::min(BK, cached - k0));
   for (int64_t k0 = 0; k0 < Lb; k0 += BK)
-    decode_add_tile(p, ws, nq, p.k_new, p.v_new, (b * Lb + k0) * Hkv + hk, std::min(BK, Lb - k0));
+    decode_add_tile(p, ws, nq, rows(p.k_new, b * Lb + k0, nullptr), rows(p.v_new, b * Lb + k0, nullptr),
+                    std::min(BK, Lb - k0));
   for (int64_t g = 0; g < G; ++g) {
     const int64_t h = hk * G + g;
     char* out = static_cast<char*>(p.out) + static_cast<size_t>(((b * Lb + q0) * Hq + h) * D) * esize;
@@ -187,6 +211,7 @@ Status block_attention_fwd_cpu(const BlockAttentionParams& p) {
 
 Status block_attention_decode_cpu(const BlockAttentionDecodeParams& p) {
   if (p.dtype == DType::kFloat16 || p.heads_kv < 1 || p.heads_q % p.heads_kv != 0) return Status::kBadArgument;
+  if (p.block_table != nullptr && p.page_size < 1) return Status::kBadArgument;
   if (p.batch == 0 || p.block == 0 || p.heads_q == 0) return Status::kOk;  // empty out and lse
   const int64_t q_tiles = (p.block + BQ - 1) / BQ;
   const int64_t tasks = p.batch * q_tiles * p.heads_kv;

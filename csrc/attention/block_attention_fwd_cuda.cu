@@ -1,4 +1,4 @@
-// CUDA forward of block attention (DESIGN.md §3.1) on CuTe: a FlashAttention-2-style kernel for sm_80
+// CUDA forward (docs/ARCHITECTURE.md, Block attention) on CuTe: a FlashAttention-2-style kernel for sm_80
 // and sm_90 (SM80 bf16/fp16 tensor-core MMA, fp32 accumulation), bf16/fp16, D in {64, 128}.
 //
 // One thread block (4 warps) is one (sequence, query tile of 64 rows, query head). It walks the key
@@ -8,8 +8,9 @@
 //   held by a quad of lanes) -> P (bf16/fp16) in shared memory -> O = alpha O + P V on tensor cores.
 // The decode form runs the same kernel with another view of the documents (DecodeDocs): the current block's
 // queries against the sequence's cache rows [0, cache_seqlens[b]) followed by its own Lb keys, read in place
-// from the cache and from k_new / v_new, with no mask inside (one block spanning the whole key range). Where
-// batch x heads leave the GPU idle, the keys are split into runs (split-KV, attention/key_split.h): one thread
+// from the cache (contiguous, or through the sequence's page list) and from k_new / v_new, with no mask inside
+// (one block spanning the whole key range). Where the keys reach past one run of kKeysPerSplit, they are split
+// into runs of that fixed size (split-KV, attention/key_split.h, which says why the size is fixed): one thread
 // block per run writes a partial result to the workspace, and a second kernel merges them.
 // Key and value tiles are double-buffered: cp.async copies tile t + 1 while tile t is computed (16-byte
 // aligned rows; others load synchronously). ldmatrix operand loads are left for tuning.
@@ -112,7 +113,8 @@ __global__ void __launch_bounds__(kThreads) block_attention_fwd_kernel(const Fwd
   float m_run[2] = {kNegInf, kNegInf}, l_run[2] = {0.0f, 0.0f};
 
   // Key tiles in order, skipping those the mask removes; tile t + 1 is copied in while tile t is computed.
-  const RowRange keys = split_keys(key_range(dm, q0, q0 + nq), static_cast<int>(blockIdx.z), p.splits, kBK);
+  const RowRange all_keys = key_range(dm, q0, q0 + nq);
+  const RowRange keys = p.splits > 1 ? split_keys(all_keys, static_cast<int>(blockIdx.z)) : all_keys;
   const auto kept_tile_from = [&](int64_t k0) {
     for (; k0 < keys.end; k0 += kBK)
       if (classify_tile(dm, q0, q0 + nq, k0, k0 + min_i64(kBK, dm.len_k - k0)) != TileKind::kSkip) break;
@@ -124,7 +126,7 @@ __global__ void __launch_bounds__(kThreads) block_attention_fwd_kernel(const Fwd
     load_rows_async<T, D, kBK, S::kPitch>(sm.v + buf * kBK * S::kPitch, doc.v, k0, nk, async);
   };
   load_rows_async<T, D, kBQ, S::kPitch>(sm.q, q_rows, 0, nq, async);
-  int64_t k0 = kept_tile_from((keys.begin / kBK) * kBK);
+  int64_t k0 = keys.begin < keys.end ? kept_tile_from((keys.begin / kBK) * kBK) : keys.end;  // an empty run: none
   if (k0 < keys.end) start_tile(0, k0);
   cp_async_commit();
   for (int buf = 0; k0 < keys.end; buf ^= 1) {
@@ -302,21 +304,16 @@ Status block_attention_fwd_cuda(const BlockAttentionParams& p, cudaStream_t stre
 
 namespace {
 
-// Runs of key tiles per query tile of the decode form on the current device (attention/key_split.h).
-Status decode_splits(const BlockAttentionDecodeParams& p, int* splits) {
-  int device = 0, sm_count = 0;
-  LLADA_RETURN_IF_CUDA_ERROR(cudaGetDevice(&device));
-  LLADA_RETURN_IF_CUDA_ERROR(cudaDeviceGetAttribute(&sm_count, cudaDevAttrMultiProcessorCount, device));
-  const int64_t q_tiles = (p.block + kBQ - 1) / kBQ;
-  *splits = key_splits(p.batch * q_tiles * p.heads_q, p.cache_capacity + p.block, kBK, sm_count);
-  return Status::kOk;
-}
+static_assert(kKeysPerSplit % kBK == 0, "runs of whole key tiles");
+
+// Runs of keys per query tile of the decode form (attention/key_split.h): enough for the longest sequence.
+int decode_splits(const BlockAttentionDecodeParams& p) { return key_splits(p.max_cache_seqlen + p.block); }
 
 }  // namespace
 
 int64_t block_attention_decode_cuda_workspace_bytes(const BlockAttentionDecodeParams& p) {
-  int splits = 1;
-  if (decode_splits(p, &splits) != Status::kOk || splits == 1) return 0;
+  const int splits = decode_splits(p);
+  if (splits == 1) return 0;
   return static_cast<int64_t>(splits) * p.batch * p.block * p.heads_q * (p.head_dim + 1) *
          static_cast<int64_t>(sizeof(float));
 }
@@ -325,16 +322,19 @@ Status block_attention_decode_cuda(const BlockAttentionDecodeParams& p, void* wo
   if (p.heads_kv < 1 || p.heads_q % p.heads_kv != 0) return Status::kBadArgument;
   if (p.batch == 0 || p.block == 0 || p.heads_q == 0) return Status::kOk;  // empty out and lse
   FwdArgs args{p.q, p.heads_q * p.head_dim, p.head_dim, p.heads_q, p.heads_kv, p.softmax_scale, p.out, p.lse};
-  const Status s = decode_splits(p, &args.splits);
-  if (s != Status::kOk) return s;
+  args.splits = decode_splits(p);
+  if (args.splits > 65535) return Status::kBadArgument;
   if (args.splits > 1) {
     if (workspace == nullptr) return Status::kBadArgument;
     args.rows = p.batch * p.block;
     args.part_lse = static_cast<float*>(workspace);                     // [splits, B * Lb, Hq]
     args.part_out = args.part_lse + args.splits * args.rows * p.heads_q;  // [splits, B * Lb, Hq, D]
   }
-  const DecodeDocs docs{p.cache_seqlens, p.k_cache, p.v_cache, p.k_new, p.v_new,
-                        p.block, p.cache_capacity, p.heads_kv, p.head_dim};
+  const bool paged = p.block_table != nullptr;
+  if (paged && (p.page_size < 1 || p.max_pages * p.page_size != p.cache_capacity)) return Status::kBadArgument;
+  const int64_t capacity = paged && p.num_pages == 0 ? 0 : p.cache_capacity;  // an empty pool holds no row
+  const DecodeDocs docs{p.cache_seqlens, p.k_cache, p.v_cache, p.k_new, p.v_new, p.block, capacity,
+                        p.heads_kv, p.head_dim, p.block_table, p.max_pages, p.page_size, p.num_pages};
   return dispatch(p.dtype, p.head_dim, args, docs, p.batch, p.block, stream);
 }
 

@@ -1,4 +1,4 @@
-// Hopper forward of block attention (DESIGN.md §3.1) for sm_90a: TMA loads, wgmma, warp specialisation.
+// Hopper forward (docs/ARCHITECTURE.md, Block attention) for sm_90a: TMA loads, wgmma, warp specialisation.
 // bf16/fp16, D in {64, 128}, packed varlen layout with 16-byte aligned rows (block_attention_fwd_sm90_supported).
 //
 // One CTA is one (sequence, query tile of 128 rows, query head) and has three warpgroups:

@@ -1,4 +1,4 @@
-// The block-attention mask of DESIGN.md §3.1 and its tile classification, shared by the CPU and CUDA
+// The block-attention mask (docs/ARCHITECTURE.md, Block attention), its tile classification, shared by the CPU and CUDA
 // kernels (LLADA_HD) and unit-tested against the element-wise predicate in tests/cpp/test_block_mask.cpp.
 //
 // Within one document, query row i in [0, len_q) and key row j in [0, len_k) get a coordinate

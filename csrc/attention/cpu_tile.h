@@ -71,15 +71,18 @@ struct Rows {
   }
 };
 
-// dst [rows_padded x D] = scale * rows [0, n), zero rows n..rows_padded.
-LLADA_CPU_INLINE void load_tile(float* dst, const Rows& src, int64_t n, int64_t rows_padded, int64_t D,
+// dst [rows_padded x D] = scale * rows [0, n), zero rows n..rows_padded. `src` is Rows or any view with
+// row(r) and dtype (the decode form's paged cache).
+template <class RowsT>
+LLADA_CPU_INLINE void load_tile(float* dst, const RowsT& src, int64_t n, int64_t rows_padded, int64_t D,
                                 float scale) {
   for (int64_t r = 0; r < n; ++r) load_row(dst + r * D, src.row(r), src.dtype, D, scale);
   if (n < rows_padded) std::memset(dst + n * D, 0, static_cast<size_t>((rows_padded - n) * D) * sizeof(float));
 }
 
 // dst [D x ld] = scale * rows [0, n) transposed; columns n..ld are zero. `row` is a D-float buffer.
-LLADA_CPU_INLINE void load_tile_transposed(float* dst, int64_t ld, const Rows& src, int64_t n, int64_t D,
+template <class RowsT>
+LLADA_CPU_INLINE void load_tile_transposed(float* dst, int64_t ld, const RowsT& src, int64_t n, int64_t D,
                                            float scale, float* row) {
   if (n < ld) {
     for (int64_t d = 0; d < D; ++d) std::memset(dst + d * ld + n, 0, static_cast<size_t>(ld - n) * sizeof(float));

@@ -1,6 +1,13 @@
-// Split-KV for the CUDA decode form (flash-decoding): the keys of a query tile are cut into `splits` runs of
-// whole key tiles, one thread block each, whose partial results (the output normalised within the run and
-// its log-sum-exp) are merged afterwards. Host/device, tested on the CPU (tests/cpp/test_key_split.cpp).
+// Split-KV for the CUDA decode form (flash-decoding): the keys of a query tile are cut at fixed key positions
+// into runs of kKeysPerSplit keys (whole key tiles), one thread block each, whose partial results (the output
+// normalised within the run and its log-sum-exp) are merged afterwards. Host/device, tested on the CPU
+// (tests/cpp/test_key_split.cpp).
+//
+// The cuts are a fixed size, never a count chosen to fill the GPU from batch x heads: where the keys are cut
+// decides the rounding of the merge, so a count that followed the batch would give a sequence other bits in
+// another batch. With fixed cuts a sequence's runs are the same in any batch; the runs past its own keys are
+// empty and merge as exact zeros, and a sequence with a single run gets exactly the unsplit result (its merge
+// weight is exp(0) = 1), so every sequence gets the same output alone or in any batch.
 #pragma once
 
 #include <cmath>
@@ -12,25 +19,20 @@
 
 namespace llada {
 
-// How many runs: enough thread blocks to fill the GPU twice over (`blocks` = blocks without a split),
-// at most one per key tile, at most kMaxKeySplits.
-constexpr int kMaxKeySplits = 32;
+// Keys per run: 8 tiles of 64. About as many thread blocks as a batch-1 decode needs to fill an H100 at a
+// few thousand keys, and few enough partial results that their merge costs a few percent of the key reads.
+constexpr int64_t kKeysPerSplit = 512;
 
-LLADA_HD int key_splits(int64_t blocks, int64_t max_keys, int64_t tile, int sm_count) {
-  if (blocks <= 0 || max_keys <= 0) return 1;
-  const int64_t wanted = (2 * static_cast<int64_t>(sm_count) + blocks - 1) / blocks;
-  const int64_t tiles = (max_keys + tile - 1) / tile;
-  return static_cast<int>(max_i64(1, min_i64(min_i64(wanted, tiles), kMaxKeySplits)));
+// Runs needed for key ranges within [0, max_keys).
+LLADA_HD int key_splits(int64_t max_keys) {
+  return static_cast<int>(max_i64(1, (max_keys + kKeysPerSplit - 1) / kKeysPerSplit));
 }
 
-// Run `split` of `splits` over the key range `keys`: tile-aligned (tiles of `tile` keys counted from 0),
-// consecutive, disjoint, covering `keys`; possibly empty.
-LLADA_HD RowRange split_keys(RowRange keys, int split, int splits, int64_t tile) {
-  if (keys.begin >= keys.end) return RowRange{keys.begin, keys.begin};
-  const int64_t first = keys.begin / tile, count = (keys.end + tile - 1) / tile - first;
-  const int64_t per = (count + splits - 1) / splits;
-  const int64_t begin = max_i64(keys.begin, (first + split * per) * tile);
-  return RowRange{min_i64(begin, keys.end), min_i64(keys.end, (first + (split + 1) * per) * tile)};
+// Run `split` of the key range `keys`: its part within [split, split + 1) * kKeysPerSplit; possibly empty.
+LLADA_HD RowRange split_keys(RowRange keys, int split) {
+  const int64_t begin = max_i64(keys.begin, split * kKeysPerSplit);
+  const int64_t end = min_i64(keys.end, (split + 1) * kKeysPerSplit);
+  return begin < end ? RowRange{begin, end} : RowRange{begin, begin};
 }
 
 // The log-sum-exp of `n` partial log-sum-exps (stride apart); -inf when every run saw nothing, NaN or +inf

@@ -41,8 +41,9 @@ LLADA_HD float uint_to_unit_float(uint32_t x) {
   return static_cast<float>(x >> 8) * (1.0f / 16777216.0f);
 }
 
-// The uniform that `commit_tokens` uses for row `row` (= b * L + l) of a call with (seed, offset):
-// counter (row, offset), key seed, first output word.
+// The uniform that `commit_tokens` uses for row `row` of a call with (seed, offset): counter (row, offset),
+// key seed, first output word. row = b * L + l with one stream over the batch, l with a stream per sequence
+// (sampling/sequence_sampling.h).
 LLADA_HD float commit_uniform(uint64_t seed, uint64_t offset, uint64_t row) {
   const Philox4x32 c{{static_cast<uint32_t>(row), static_cast<uint32_t>(row >> 32),
                       static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32)}};

@@ -1,4 +1,4 @@
-// C++ CPU grouped GEMM of the MoE layers (DESIGN.md §3.2), all groups in one call:
+// C++ CPU grouped GEMM of the MoE layers (docs/ARCHITECTURE.md, Mixture of experts), all groups in one call:
 //   forward  C[rows of g] = A[rows of g] @ B[g]^T       (B [E, N, K], K- or N-contiguous)
 //   wgrad    dB[g] = dC[rows of g]^T @ A[rows of g]     (a ragged reduction over each group's rows)
 //

@@ -1,4 +1,4 @@
-// CUDA entry points of the MoE grouped GEMM (DESIGN.md §3.2): checks what the kernels need, picks
+// CUDA entry points of the grouped GEMM (docs/ARCHITECTURE.md, Mixture of experts): checks what the kernels need, picks
 // the kind (forward with a K- or N-contiguous B, or weight gradient) and the architecture (CUTLASS 3.x
 // pointer-array on sm_90, CUTLASS 2.x GemmGrouped on sm_80..sm_89), and zero-fills what no tile writes.
 #include <cuda_runtime.h>

@@ -1,4 +1,4 @@
-// CUDA kernels of `moe_route`, `moe_permute`, `moe_unpermute` and its backward (DESIGN.md §3.2).
+// CUDA kernels of `moe_route`, `moe_permute`, `moe_unpermute`, its backward (docs/ARCHITECTURE.md, Mixture of experts).
 // Asynchronous on the caller's stream, no host synchronisation.
 //
 //   route      one warp per token: the lanes write sigmoid scores and biased scores to shared memory,

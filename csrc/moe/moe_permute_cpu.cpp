@@ -1,4 +1,4 @@
-// C++ CPU kernels of `moe_permute`, `moe_unpermute` and the unpermute backward (DESIGN.md §3.2).
+// C++ CPU kernels of `moe_permute`, `moe_unpermute` and its backward (docs/ARCHITECTURE.md, Mixture of experts).
 //
 // Permute is a stable counting sort of the flattened (token, slot) ids by expert: a serial histogram
 // and scan over the T * k ids (cheap), then the row copies in parallel. Unpermute gathers each

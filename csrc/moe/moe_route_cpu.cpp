@@ -1,5 +1,5 @@
-// C++ CPU kernel of `moe_route` (DESIGN.md §3.2): the LLaDA2 gate, one token per OpenMP iteration,
-// with the per-token rule of route_rule.h (a NaN logit stays in its token's weights).
+// C++ CPU kernel of `moe_route` (docs/ARCHITECTURE.md, Mixture of experts): the gate, one token per
+// OpenMP iteration, with the per-token rule of route_rule.h (a NaN logit stays in its token's weights).
 #include <cmath>
 #include <cstdint>
 #include <memory>

@@ -1,4 +1,4 @@
-// The commit rule of DESIGN.md §3.3, shared by the CPU and CUDA kernels.
+// The commit rule (docs/ARCHITECTURE.md, Token commit), shared by the CPU and CUDA kernels.
 //
 // Input is one sequence's row of confidences conf[L]: the confidence of the proposed token at a masked
 // position, -inf at a position already decoded, NaN where the logits held a NaN. A position is

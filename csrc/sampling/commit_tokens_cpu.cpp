@@ -1,5 +1,6 @@
-// C++ CPU kernel of `commit_tokens` (DESIGN.md §3.3): one pass over the vocabulary per row for greedy
-// decoding, OpenMP over the B*L rows, then the commit rule per sequence.
+// C++ CPU kernel of `commit_tokens` (docs/ARCHITECTURE.md, Token commit): one pass over the vocabulary per
+// row for greedy decoding, OpenMP over the B*L rows, then the commit rule per sequence. Each sequence takes
+// its own parameters (sampling/sequence_sampling.h), so greedy and sampled sequences mix in one call.
 //
 // Greedy (temperature 0, no top-k/top-p): an online max / sum-exp / argmax in one read of the row,
 // chunked so that the max and the exponentials vectorise. Otherwise: the row is scaled by
@@ -20,6 +21,7 @@
 #include "common/philox.h"
 #include "llada/sampling.h"
 #include "sampling/commit_rule.h"
+#include "sampling/sequence_sampling.h"
 
 namespace llada {
 namespace {
@@ -99,7 +101,7 @@ LLADA_CPU_MULTIVERSION RowProposal propose_greedy(const void* row, DType dtype, 
 }
 
 // Temperature, top-k, top-p, then a draw (or the argmax when temperature is 0).
-RowProposal propose_filtered(const void* row, DType dtype, int64_t V, const CommitTokensParams& p,
+RowProposal propose_filtered(const void* row, DType dtype, int64_t V, const SequenceSampling& p,
                              uint64_t row_index, std::vector<float>& z, std::vector<float>& scratch) {
   RowProposal r;
   z.resize(V);
@@ -177,34 +179,45 @@ size_t dtype_size(DType d) { return d == DType::kFloat32 ? 4 : 2; }
 Status commit_tokens_cpu(const CommitTokensParams& p) {
   const int64_t B = p.batch, L = p.block, V = p.vocab;
   const int64_t rows = B * L;
-  const bool greedy = p.temperature == 0.0f && (p.top_k <= 0 || p.top_k >= V) && p.top_p >= 1.0f;
   const char* logits = static_cast<const char*>(p.logits);
   const size_t row_bytes = static_cast<size_t>(V) * dtype_size(p.logits_dtype);
   int invalid_rows = 0;
+  if (p.invalid != nullptr) std::fill(p.invalid, p.invalid + B, false);
 
 #pragma omp parallel reduction(+ : invalid_rows)
   {
     std::vector<float> z, scratch;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t r = 0; r < rows; ++r) {
+      const int64_t b = r / (L > 0 ? L : 1);
+      const SequenceSampling seq = sequence_sampling(p, b);
       const void* row = logits + static_cast<size_t>(r) * row_bytes;
-      const RowProposal prop =
-          greedy ? propose_greedy(row, p.logits_dtype, V)
-                 : propose_filtered(row, p.logits_dtype, V, p, static_cast<uint64_t>(r), z, scratch);
-      invalid_rows += prop.invalid;
+      RowProposal prop = is_greedy(seq, V)
+                             ? propose_greedy(row, p.logits_dtype, V)
+                             : propose_filtered(row, p.logits_dtype, V, seq, stream_row(p, b, r - b * L), z, scratch);
+      if (prop.invalid) {  // as the CUDA kernels mark it: never eligible
+        ++invalid_rows;
+        prop.token = 0;
+        prop.confidence = std::numeric_limits<float>::quiet_NaN();
+        if (p.invalid != nullptr) {
+#pragma omp atomic write
+          p.invalid[b] = true;
+        }
+      }
       p.candidates[r] = prop.token;
       const bool masked = p.tokens[r] == p.mask_id;
       p.confidence[r] = masked ? prop.confidence : kNegInf;
     }
   }
-  if (invalid_rows > 0) return Status::kNanInput;
+  if (invalid_rows > 0 && p.invalid == nullptr) return Status::kNanInput;
 
 #pragma omp parallel for schedule(static)
   for (int64_t b = 0; b < B; ++b) {
     const float* conf = p.confidence + b * L;
-    const CommitCounts counts = commit_counts(conf, L, p.threshold);
+    const float threshold = sequence_sampling(p, b).threshold;
+    const CommitCounts counts = commit_counts(conf, L, threshold);
     for (int64_t i = 0; i < L; ++i) {
-      const bool commit = commit_decision(conf, L, i, counts, p.min_commit[b], p.threshold);
+      const bool commit = commit_decision(conf, L, i, counts, p.min_commit[b], threshold);
       p.committed[b * L + i] = commit;
       if (commit) p.tokens[b * L + i] = p.candidates[b * L + i];
     }

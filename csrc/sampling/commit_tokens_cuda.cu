@@ -1,11 +1,13 @@
-// CUDA kernels of `commit_tokens` (DESIGN.md §3.3). Asynchronous, no host synchronisation, no
+// CUDA kernels of `commit_tokens` (docs/ARCHITECTURE.md, Token commit). Asynchronous, no host synchronisation, no
 // allocation, so a decoding step that calls them can be captured in a CUDA graph.
 //
-// Two launches on the caller's stream:
+// Two launches on the caller's stream (three when parameters differ per sequence):
 //   1. propose: thread blocks over the rows of logits (B*L rows), writing candidates[row] and
 //      confidence[row]. Greedy rows take one pass over V with 16-byte loads, four in flight per thread,
-//      and an online max / sum-exp / argmax reduced through warp shuffles; when there are few rows, each
-//      row is cut into chunks (sampling/greedy_split.h) whose partial states the commit kernel merges.
+//      and an online max / sum-exp / argmax reduced through warp shuffles; each row is cut into chunks
+//      by its vocabulary size alone (sampling/greedy_split.h), whose partial states the commit kernel merges.
+//      With per-sequence parameters both propose kernels run over every row and each takes only the rows of
+//      its kind (greedy or sampled), read from the device, so nothing waits for the host.
 //      Sampled rows take one block per row and a few passes (the row
 //      stays in L2): max, radix select of the top-k cut, radix select of the top-p cut on
 //      fixed-point masses, then an inverse-CDF draw in vocabulary order, all in integer arithmetic
@@ -26,6 +28,7 @@
 #include "llada/sampling.h"
 #include "sampling/commit_rule.h"
 #include "sampling/greedy_split.h"
+#include "sampling/sequence_sampling.h"
 
 namespace llada {
 namespace {
@@ -153,9 +156,20 @@ __device__ __forceinline__ void write_row(const CommitTokensParams& p, int64_t r
   p.confidence[row] = p.tokens[row] == p.mask_id ? confidence : -INFINITY;
 }
 
+// An invalid row (NaN, or no finite maximum): token 0, confidence NaN (never committed), its sequence flagged.
+__device__ __forceinline__ void write_invalid(const CommitTokensParams& p, int64_t row) {
+  write_row(p, row, 0, NAN);
+  if (p.invalid != nullptr) p.invalid[row / p.block] = true;
+}
+
 __device__ __forceinline__ void write_state(const CommitTokensParams& p, int64_t row, const SoftmaxState& s) {
-  const bool invalid = s.nan || !isfinite(s.max);
-  write_row(p, row, invalid ? 0 : s.arg, invalid ? NAN : 1.0f / s.sum);
+  if (s.nan || !isfinite(s.max)) write_invalid(p, row);
+  else write_row(p, row, s.arg, 1.0f / s.sum);
+}
+
+// Whether row `row` (= b * L + l) proposes greedily.
+__device__ __forceinline__ bool row_is_greedy(const CommitTokensParams& p, int64_t row) {
+  return is_greedy(sequence_sampling(p, row / p.block), p.vocab);
 }
 
 // Pushes row[begin, end) into this thread's state: 16-byte loads for the aligned body, kUnroll of them
@@ -197,6 +211,7 @@ __global__ void __launch_bounds__(kThreads) propose_greedy_kernel(CommitTokensPa
                                                                    int32_t chunk) {
   __shared__ SoftmaxState smem[kWarps];
   const int64_t row = blockIdx.x;
+  if (has_per_sequence(p) && !row_is_greedy(p, row)) return;  // propose_sampled_kernel's row
   const int32_t V = static_cast<int32_t>(p.vocab);
   const int32_t begin = static_cast<int32_t>(blockIdx.y) * chunk;
   const int32_t end = V - begin < chunk ? V : begin + chunk;
@@ -292,21 +307,24 @@ __global__ void __launch_bounds__(kThreads) propose_sampled_kernel(CommitTokensP
   __shared__ int32_t shared_token;
 
   const int64_t row = blockIdx.x;
+  if (has_per_sequence(p) && row_is_greedy(p, row)) return;  // propose_greedy_kernel's row
+  const int64_t b = row / p.block;
+  const SequenceSampling seq = sequence_sampling(p, b);
   const SampledRow<T> r{static_cast<const T*>(p.logits) + row * p.vocab, static_cast<int32_t>(p.vocab),
-                        p.temperature};
+                        seq.temperature};
 
   SoftmaxState s = state_empty();
   for_each_in_row(r.logits, r.V, [&](float x, int32_t i) { state_push(s, r.z(x), i); });
   s = block_merge(s, smem);
   if (s.nan || !isfinite(s.max)) {
-    if (threadIdx.x == 0) write_row(p, row, 0, NAN);
+    if (threadIdx.x == 0) write_invalid(p, row);
     return;
   }
   const float m = s.max;
 
   uint32_t lower_key = 0;  // kept: order key >= lower_key
-  if (p.top_k > 0 && p.top_k < p.vocab)
-    lower_key = radix_select(r, m, 0u, false, static_cast<unsigned long long>(p.top_k), hist);
+  if (seq.top_k > 0 && seq.top_k < p.vocab)
+    lower_key = radix_select(r, m, 0u, false, static_cast<unsigned long long>(seq.top_k), hist);
 
   auto kept_mass = [&]() {
     unsigned long long local = 0;
@@ -320,9 +338,9 @@ __global__ void __launch_bounds__(kThreads) propose_sampled_kernel(CommitTokensP
     return shared_total;
   };
 
-  if (p.top_p < 1.0f) {
+  if (seq.top_p < 1.0f) {
     const unsigned long long total = kept_mass();
-    const auto budget = static_cast<unsigned long long>(static_cast<double>(p.top_p) * total);
+    const auto budget = static_cast<unsigned long long>(static_cast<double>(seq.top_p) * total);
     lower_key = radix_select(r, m, lower_key, true, budget, hist);
   }
 
@@ -336,9 +354,9 @@ __global__ void __launch_bounds__(kThreads) propose_sampled_kernel(CommitTokensP
   __syncthreads();
 
   int32_t token = s.arg;
-  if (p.temperature > 0.0f) {
+  if (seq.temperature > 0.0f) {
     const unsigned long long total = kept_mass();
-    const float u = commit_uniform(p.seed, p.offset, static_cast<uint64_t>(row));
+    const float u = commit_uniform(seq.seed, seq.offset, stream_row(p, b, row - b * p.block));
     const auto target = static_cast<unsigned long long>(static_cast<double>(u) * total);
     // Ordered scan: thread t owns kItems consecutive elements of each tile.
     constexpr int kItems = 8;
@@ -400,7 +418,8 @@ __global__ void __launch_bounds__(kThreads) propose_sampled_kernel(CommitTokensP
 __global__ void commit_kernel(CommitTokensParams p, int32_t splits) {
   const int64_t b = blockIdx.x;
   const int64_t L = p.block;
-  if (splits > 1) {
+  const SequenceSampling seq = sequence_sampling(p, b);
+  if (splits > 1 && is_greedy(seq, p.vocab)) {  // the chunks of greedy rows
     const SoftmaxState* parts = static_cast<const SoftmaxState*>(p.workspace);
     for (int64_t i = threadIdx.x; i < L; i += blockDim.x) {
       const int64_t row = b * L + i;
@@ -411,32 +430,35 @@ __global__ void commit_kernel(CommitTokensParams p, int32_t splits) {
     __syncthreads();
   }
   const float* conf = p.confidence + b * L;
-  const CommitCounts counts = commit_counts(conf, L, p.threshold);
+  const CommitCounts counts = commit_counts(conf, L, seq.threshold);
   for (int64_t i = threadIdx.x; i < L; i += blockDim.x) {
-    const bool commit = commit_decision(conf, L, i, counts, p.min_commit[b], p.threshold);
+    const bool commit = commit_decision(conf, L, i, counts, p.min_commit[b], seq.threshold);
     p.committed[b * L + i] = commit;
     if (commit) p.tokens[b * L + i] = p.candidates[b * L + i];
   }
 }
 
-bool is_greedy(const CommitTokensParams& p) {
-  return p.temperature == 0.0f && (p.top_k <= 0 || p.top_k >= p.vocab) && p.top_p >= 1.0f;
+// Which propose kernels run: the one of the call's scalars, or both when parameters differ per sequence
+// (their values are on the device; each kernel takes its own rows).
+bool scalars_greedy(const CommitTokensParams& p) {
+  return is_greedy(SequenceSampling{p.threshold, p.temperature, p.top_k, p.top_p, p.seed, p.offset}, p.vocab);
 }
+bool any_greedy(const CommitTokensParams& p) { return has_per_sequence(p) || scalars_greedy(p); }
+bool any_sampled(const CommitTokensParams& p) { return has_per_sequence(p) || !scalars_greedy(p); }
 
 int32_t propose_splits(const CommitTokensParams& p) {
-  return is_greedy(p) ? static_cast<int32_t>(greedy_splits(p.batch * p.block, p.vocab)) : 1;
+  return any_greedy(p) ? static_cast<int32_t>(greedy_splits(p.vocab)) : 1;
 }
 
 template <typename T>
 void launch_propose(const CommitTokensParams& p, int32_t splits, cudaStream_t stream) {
   const unsigned rows = static_cast<unsigned>(p.batch * p.block);
-  if (is_greedy(p)) {
+  if (any_greedy(p)) {
     const dim3 grid(rows, static_cast<unsigned>(splits));
     const int32_t chunk = static_cast<int32_t>(greedy_chunk(p.vocab, splits));
     propose_greedy_kernel<T><<<grid, kThreads, 0, stream>>>(p, splits, chunk);
-  } else {
-    propose_sampled_kernel<T><<<rows, kThreads, 0, stream>>>(p);
   }
+  if (any_sampled(p)) propose_sampled_kernel<T><<<rows, kThreads, 0, stream>>>(p);
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-"""The LLaDA2.0 model (DESIGN.md §4): config, layers, checkpoints and the op backend switch."""
+"""The LLaDA2.0 model (docs/ARCHITECTURE.md, Model): config, layers, checkpoints and the op backend switch."""
 from .checkpoint import load_model, save_pretrained
 from .config import LLaDA2Config
 from .model import LLaDA2Model

@@ -1,17 +1,31 @@
 """LLaDA2.0 model configuration, read from and written to the release's own `config.json` keys.
 
 Only the keys that change the computation are fields; every other key of the file is kept in `extra`
-and written back unchanged, so a checkpoint's config round-trips.
+and written back unchanged, so a checkpoint's config round-trips. Every field is checked for its type and
+range when the config is made, so a bad file fails here, naming the key, and not later in the model.
+
+The release's config.json has no `mask_token_id` (its `generate()` takes the MASK id as an argument): such a
+config loads with mask_token_id None, and what needs the MASK id (generate, training) asks for it there.
 """
 import dataclasses
 import json
+import math
+import numbers
 from pathlib import Path
 from typing import Any, Optional, Union
 
 MODEL_TYPE = "llada2_moe"
 ARCHITECTURE = "LLaDA2MoeModelLM"
-DEFAULT_MASK_ID = 156895
+RELEASE_MASK_ID = 156895  # the MASK id of the LLaDA2.0 releases (their config.json does not say it)
 DEFAULT_EOS_ID = 156892
+
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "max_position_embeddings", "num_experts_per_tok", "n_group",
+                  "topk_group", "moe_intermediate_size")
+_OPTIONAL_COUNTS = ("num_experts", "num_shared_experts", "first_k_dense_replace")  # int >= 0 (or None)
+_TOKEN_IDS = ("pad_token_id", "eos_token_id", "mask_token_id")                     # int >= 0 or None
+_POSITIVE_FLOATS = ("rms_norm_eps", "rope_theta", "routed_scaling_factor")         # finite, > 0
+_BOOLS = ("use_qkv_bias", "use_qk_norm", "use_bias", "tie_word_embeddings")
 
 
 @dataclasses.dataclass
@@ -43,14 +57,47 @@ class LLaDA2Config:
     first_k_dense_replace: int = 1
     pad_token_id: int = DEFAULT_EOS_ID
     eos_token_id: Optional[int] = DEFAULT_EOS_ID
-    mask_token_id: int = DEFAULT_MASK_ID
+    mask_token_id: Optional[int] = None
     torch_dtype: Optional[str] = "bfloat16"
     extra: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
+        self._check_types()
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         self.validate()
+
+    def _check_types(self) -> None:
+        """Each field of the right type and range (JSON booleans are not numbers here, 2.0 is not an int)."""
+        def is_int(value):
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        def fail(key, expected):
+            raise ValueError(f"{key} must be {expected}, got {getattr(self, key)!r}")
+
+        for key in _POSITIVE_INTS:
+            value = getattr(self, key)
+            if not (is_int(value) and value >= 1) and not (key == "head_dim" and value is None):
+                fail(key, "a positive int")
+        for key in _OPTIONAL_COUNTS + _TOKEN_IDS:
+            value = getattr(self, key)
+            if value is not None and not (is_int(value) and value >= 0):
+                fail(key, "an int >= 0 (or null)")
+        for key in _POSITIVE_FLOATS:
+            value = getattr(self, key)
+            if not (isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+                    and value > 0):
+                fail(key, "a finite number > 0")
+        factor = self.partial_rotary_factor
+        if not (isinstance(factor, numbers.Real) and not isinstance(factor, bool) and 0 < factor <= 1):
+            fail("partial_rotary_factor", "a number in (0, 1]")
+        for key in _BOOLS:
+            if not isinstance(getattr(self, key), bool):
+                fail(key, "true or false")
+        if not isinstance(self.hidden_act, str):
+            fail("hidden_act", "a string")
+        if self.torch_dtype is not None and not isinstance(self.torch_dtype, str):
+            fail("torch_dtype", "a string (or null)")
 
     @property
     def rope_dim(self) -> int:
@@ -74,8 +121,8 @@ class LLaDA2Config:
         if self.num_attention_heads % self.num_key_value_heads:
             fail(f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads "
                  f"{self.num_key_value_heads}")
-        if self.rope_dim % 2 or self.rope_dim > self.head_dim:
-            fail(f"rotary dims {self.rope_dim} (head_dim x partial_rotary_factor) must be even and <= head_dim")
+        if self.rope_dim < 2 or self.rope_dim % 2 or self.rope_dim > self.head_dim:
+            fail(f"rotary dims {self.rope_dim} (head_dim x partial_rotary_factor) must be even, >= 2 and <= head_dim")
         if self.num_experts:
             if self.num_experts % self.n_group:
                 fail(f"num_experts {self.num_experts} is not divisible by n_group {self.n_group}")
@@ -83,11 +130,11 @@ class LLaDA2Config:
                 fail(f"topk_group {self.topk_group} must be in [1, n_group = {self.n_group}]")
             if not 1 <= self.num_experts_per_tok <= self.num_experts:
                 fail(f"num_experts_per_tok {self.num_experts_per_tok} must be in [1, num_experts]")
-        if not 0 <= self.mask_token_id < self.vocab_size:
-            fail(f"mask_token_id {self.mask_token_id} is outside the vocabulary of {self.vocab_size}")
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "LLaDA2Config":
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a JSON object of config keys, got {type(data).__name__}")
         model_type = data.get("model_type")
         archs = data.get("architectures") or []
         if model_type != MODEL_TYPE and ARCHITECTURE not in archs:
@@ -96,7 +143,7 @@ class LLaDA2Config:
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         known = {k: v for k, v in data.items() if k in names}
         if isinstance(known.get("eos_token_id"), list):
-            known["eos_token_id"] = known["eos_token_id"][0]
+            known["eos_token_id"] = known["eos_token_id"][0] if known["eos_token_id"] else None
         extra = {k: v for k, v in data.items() if k not in names}
         try:
             return cls(**known, extra=extra)

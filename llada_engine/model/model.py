@@ -1,11 +1,11 @@
-"""The LLaDA2.0 model: embeddings, decoder layers, final norm and the untied lm_head (DESIGN.md §4).
+"""The LLaDA2.0 model: embeddings, decoder layers, final norm and the untied lm_head (docs/ARCHITECTURE.md, Model).
 
     model(input_ids, cu_seqlens=None, *, block_size, mask="block_causal", logits_at=None) -> logits fp32 [T, V]
     (or [N, V] for the N token indices `logits_at`: training needs the logits of a few tokens only)
 
 `input_ids` int64 [T] packs one or more sequences (cu_seqlens int32 [S+1]); positions restart at 0 in each
 sequence (under mask="bd3" each half [x_t | x_0] takes positions 0..n-1). Tokens are predicted at their own
-position. Decoding uses `prefill` and `forward_cached` with a KV cache (llada_engine/decoding).
+position. Decoding uses `prefill` and `forward_paged` with the paged KV cache (llada_engine/decoding).
 The parameter names are the release's, except the routed experts, which are stacked per layer
 (`mlp.w13` [E, 2I, H], `mlp.w2` [E, H, I]); checkpoint.py maps them to the per-expert release names.
 """
@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .attention import CachedContext, PackedContext
+from .attention import PackedContext, PagedContext
 from .backend import BACKENDS, op_set
 from .config import LLaDA2Config
 from .modules import DecoderLayer, RMSNorm, rotary_tables
@@ -83,30 +83,22 @@ class LLaDA2Model(nn.Module):
         h = self._hidden(input_ids, positions, context)                              # [T, H]
         return self.lm_head(h if logits_at is None else h[logits_at]).float()       # [T or N, V]
 
-    def prefill(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, cache, rows: torch.Tensor,
-                block_size: int) -> None:
-        """Runs the packed prompts' whole blocks with block_causal and stores their K/V in cache slots `rows`."""
-        self._check_ids(input_ids, 1)
-        T = input_ids.shape[0]
-        positions, max_seqlen = packed_positions(cu_seqlens, T, bd3=False)
-        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-        token_rows = rows.repeat_interleave(lengths)                                 # [T]
-        context = PackedContext(self._ops, cu_seqlens, max_seqlen, block_size, "block_causal", cache, token_rows,
-                                positions)
+    def prefill(self, input_ids: torch.Tensor, cu_seqlens: torch.Tensor, positions: torch.Tensor, max_seqlen: int,
+                block_length: int, cache, cache_slots: torch.Tensor) -> None:
+        """Runs packed prompt blocks (input_ids [T], cu_seqlens int32 [S+1], positions [T]) with block_causal
+        and stores every token's K/V at its flat cache slot (int64 [T]). The caller validated the ids and
+        built the positions on the host: nothing here waits for the device."""
+        context = PackedContext(self._ops, cu_seqlens, max_seqlen, block_length, "block_causal", cache,
+                                cache_slots)
         self._hidden(input_ids, positions, context)
-        cache.set_lengths(rows, lengths)
 
-    def forward_cached(self, input_ids: torch.Tensor, cache, write_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Logits fp32 [B, Lb, V] of the current block of each cache slot (input_ids [B, Lb]) against that
-        slot's cached K/V; the blocks of slots `write_rows` are then stored and those slots advance by Lb."""
-        self._check_ids(input_ids, 2)
+    def forward_paged(self, input_ids: torch.Tensor, positions: torch.Tensor, cache, batch) -> torch.Tensor:
+        """Logits fp32 [B, Lb, V] of the current block of B sequences (input_ids [B, Lb], positions [B * Lb])
+        against their pages of the KV cache (batch: a PagedBatch on the model's device); every row's K/V is
+        stored at batch.write_slots. No value checks, no host synchronisation: the decode step's forward."""
         B, Lb = input_ids.shape
-        positions = (cache.seqlens.long()[:, None] + torch.arange(Lb, device=input_ids.device)).reshape(-1)
-        context = CachedContext(self._ops, cache, B, Lb, write_rows)
-        logits = self.lm_head(self._hidden(input_ids.reshape(-1), positions, context)).float()
-        if write_rows is not None and write_rows.numel():
-            cache.advance(write_rows, Lb)
-        return logits.view(B, Lb, -1)
+        context = PagedContext(self._ops, cache, batch, Lb)
+        return self.lm_head(self._hidden(input_ids.reshape(-1), positions, context)).float().view(B, Lb, -1)
 
     def save_pretrained(self, path, *, max_shard_size="5GB", progress=None) -> None:
         from .checkpoint import save_pretrained

@@ -1,4 +1,4 @@
-"""The LLaDA2.0 layers (DESIGN.md §4), numerically as the official modeling code: fp32 RMSNorm, fused QKV,
+"""The LLaDA2.0 layers (docs/ARCHITECTURE.md, Model), numerically as the official modeling: fp32 RMSNorm, fused QKV,
 per-head RMSNorm on q and k, NeoX rotary on the first `rope_dim` dims, SwiGLU MLPs, the sigmoid
 group-limited router in fp32 and the routed experts through the grouped-GEMM op.
 
@@ -92,7 +92,9 @@ class Router(nn.Module):
 
 
 class MoE(nn.Module):
-    """Routed experts (stacked for the grouped GEMM) plus the shared expert."""
+    """Routed experts (stacked for the grouped GEMM) plus the shared expert. With `keep_routing` set (the
+    trainer's expert-load counting and balance loss), each forward leaves its router logits [T, E] fp32 and
+    choices [T, k] in `last_routing`."""
 
     def __init__(self, config: LLaDA2Config):
         super().__init__()
@@ -105,6 +107,8 @@ class MoE(nn.Module):
         self.w13 = nn.Parameter(torch.empty(E, 2 * I, H))   # [E, 2I, H]: gate_proj rows, then up_proj rows
         self.w2 = nn.Parameter(torch.empty(E, H, I))        # [E, H, I]: down_proj
         self.shared_experts = MLP(H, I * config.num_shared_experts) if config.num_shared_experts else None
+        self.keep_routing = False
+        self.last_routing = None
 
     def forward(self, x: torch.Tensor, ops) -> torch.Tensor:
         router_logits = F.linear(x.float(), self.gate.weight.float())                  # [T, E] fp32
@@ -112,6 +116,8 @@ class MoE(nn.Module):
             router_logits, self.gate.expert_bias.float(), top_k=self.top_k, n_group=self.n_group,
             topk_group=self.topk_group, routed_scaling_factor=self.routed_scaling_factor,
             norm_topk_prob=self.top_k > 1)                                             # [T, k], [T, k]
+        if self.keep_routing:
+            self.last_routing = (router_logits, topk_ids)
         y = ops.moe_experts(x, topk_ids, topk_weights, self.w13, self.w2)              # [T, H]
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)

@@ -1,10 +1,10 @@
-"""Varlen document-masked block attention (DESIGN.md §3.1): the attention of prefill, decoding and
+"""Varlen document-masked block attention (docs/ARCHITECTURE.md, Block attention): prefill, decoding and
 block-diffusion training.
 
     block_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, block_size,
                     mask="block_causal", softmax_scale=None, return_lse=False, kernel=None) -> out [, lse]
     block_attention_decode(q, k_cache, v_cache, cache_seqlens, k_new, v_new, *, softmax_scale=None,
-                           return_lse=False) -> out [, lse]
+                           return_lse=False, block_table=None) -> out [, lse]
     block_attention_ref / block_attention_decode_ref   # dense-mask SDPA per document: oracle and baseline
     block_mask_dense(mask, block_size, len_q, len_k)   # the mask of one document as a bool matrix
 
@@ -25,12 +25,29 @@ Masks (pos = position in its sequence, blk(p) = p // block_size):
                 query sees the clean keys of its own and earlier blocks, never a noisy key.
 block_attention is differentiable in q, k and v (and through lse). On CUDA, `kernel` picks the forward:
 "hopper" (wgmma + TMA, sm_90a builds on H100/H200, 16-byte aligned rows), "flash2" (any sm_80+ GPU) or
-"auto" (hopper where it applies; the default, unless the environment sets LLADA_ATTENTION_KERNEL); the
-backward's main kernel follows the same choice. The decode form: the current block of
-every sequence, q / k_new / v_new [B, Lb, H, D], sees the first cache_seqlens[b] rows of its contiguous
-cache [B, Smax, Hkv, D] and all Lb new keys (no mask inside the block); nothing is copied into the cache.
-cache_seqlens (int32 [B]) may live on the CPU with the rest on a GPU: it is validated there and uploaded
-without waiting for the device, where a GPU copy costs a device synchronisation per call to validate.
+"auto" (flash2 until hopper passes the GPU tests; the default, unless LLADA_ATTENTION_KERNEL is set); the
+backward's main kernel follows the same choice.
+
+The decode form: the current block of every sequence, q / k_new / v_new [B, Lb, H, D], sees the first
+cache_seqlens[b] rows of its cache and all Lb new keys (no mask inside the block); nothing is copied into the
+cache. Without block_table the cache is contiguous, k_cache / v_cache [B, Smax, Hkv, D]. With block_table
+(int32 [B, max_pages]) it is paged: k_cache / v_cache are page pools [num_pages, page_size, Hkv, D] (page_size
+any multiple of 8) and sequence b's cached row r is row r % page_size of page block_table[b, r // page_size];
+only the first ceil(cache_seqlens[b] / page_size) entries of row b are read (the rest may hold anything, e.g.
+-1), pages may be shared, in any order, or owned by no sequence. Both forms give the same bits on the CPU.
+cache_seqlens (int32 [B]) and block_table may live on the CPU with the rest on a GPU: they are validated
+there and uploaded without waiting for the device (pinned memory; inside a CUDA graph capture pass device
+tensors, whose values the graph then reads at each replay).
+What is validated where the values are (nothing here waits for a GPU, except the contiguous form given GPU
+cache_seqlens, which it copies to the host once per call to validate):
+  cache_seqlens on the CPU: each in [0, Smax] (contiguous) or [0, max_pages * page_size] (paged);
+  block_table on the CPU with cache_seqlens on the CPU: every entry a sequence reads is in [0, num_pages);
+  paged index tensors on the GPU: only shapes and dtypes. Their values are trusted: a length outside
+  [0, max_pages * page_size] is clamped into it and a page id outside [0, num_pages) to the nearest page, so
+  nothing outside the pools is read, but the result is then unspecified.
+On CUDA, keys past 512 (the cache plus the block) are split into runs of a fixed 512 keys whose partial
+results are merged (split-KV); the cut positions follow only the key index, never the batch or the GPU, so a
+sequence gets the same bits alone or in any batch.
 """
 import math
 import os
@@ -72,13 +89,16 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
 
 def block_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            cache_seqlens: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, *,
-                           softmax_scale: Optional[float] = None, return_lse: bool = False):
-    """The current block against a contiguous cache (see the module doc): out [B, Lb, Hq, D] (and lse)."""
+                           softmax_scale: Optional[float] = None, return_lse: bool = False,
+                           block_table: Optional[torch.Tensor] = None):
+    """The current block against a contiguous cache, or a paged one with block_table (see the module doc):
+    out [B, Lb, Hq, D] (and lse [B, Lb, Hq])."""
     require_kernels("block_attention_decode")
     check_tensors("block_attention_decode", q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens,
-                  k_new=k_new, v_new=v_new)
+                  k_new=k_new, v_new=v_new, **({} if block_table is None else dict(block_table=block_table)))
     out, lse = torch.ops.llada.block_attention_decode(
-        q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale=_softmax_scale(softmax_scale, q))
+        q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale=_softmax_scale(softmax_scale, q),
+        block_table=block_table)
     return (out, lse) if return_lse else out
 
 
@@ -163,15 +183,26 @@ def block_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_se
     return out, lse
 
 
+def _cached_rows(cache: torch.Tensor, b: int, cached: int, block_table: Optional[torch.Tensor]) -> torch.Tensor:
+    """The first `cached` rows of sequence b: [cached, Hkv, D]."""
+    if block_table is None:
+        return cache[b, :cached]
+    page_size = cache.shape[1]
+    pages = block_table[b, :-(-cached // page_size)].long().to(cache.device)
+    return cache[pages].flatten(0, 1)[:cached]
+
+
 def block_attention_decode_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                cache_seqlens: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, *,
-                               softmax_scale: Optional[float] = None, return_lse: bool = False):
-    """Pure-PyTorch reference of block_attention_decode: per sequence, SDPA over cache[:len] + new keys."""
+                               softmax_scale: Optional[float] = None, return_lse: bool = False,
+                               block_table: Optional[torch.Tensor] = None):
+    """Pure-PyTorch reference of block_attention_decode: per sequence, SDPA over its cached rows (gathered
+    from its pages with block_table) + the new keys."""
     scale = _softmax_scale(softmax_scale, q)
     outs, lses = [], []
     for b, cached in enumerate(cache_seqlens.tolist()):
-        keys = torch.cat([k_cache[b, :cached], k_new[b]]).transpose(0, 1)
-        values = torch.cat([v_cache[b, :cached], v_new[b]]).transpose(0, 1)
+        keys = torch.cat([_cached_rows(k_cache, b, cached, block_table), k_new[b]]).transpose(0, 1)
+        values = torch.cat([_cached_rows(v_cache, b, cached, block_table), v_new[b]]).transpose(0, 1)
         keep = torch.ones(q.shape[1], keys.shape[1], dtype=torch.bool, device=q.device)
         out, lse = _attend_dense(q[b].transpose(0, 1), keys, values, keep, scale, return_lse)
         outs.append(out)
@@ -200,13 +231,19 @@ if kernels_available():
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     @torch.library.register_fake("llada::block_attention_decode")
-    def _block_attention_decode_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, *, softmax_scale):
-        check_dims("block_attention_decode", q=(q, "[B, Lb, Hq, D]"), k_cache=(k_cache, "[B, Smax, Hkv, D]"),
-                   v_cache=(v_cache, "[B, Smax, Hkv, D]"), cache_seqlens=(cache_seqlens, "[B]"),
-                   k_new=(k_new, "[B, Lb, Hkv, D]"), v_new=(v_new, "[B, Lb, Hkv, D]"))
-        check_same_device("block_attention_decode", q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new)
-        if cache_seqlens.device.type != "cpu":
-            check_same_device("block_attention_decode", q=q, cache_seqlens=cache_seqlens)
+    def _block_attention_decode_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, *, softmax_scale,
+                                     block_table=None):
+        op = "block_attention_decode"
+        cache = "[num_pages, page_size, Hkv, D]" if block_table is not None else "[B, Smax, Hkv, D]"
+        check_dims(op, q=(q, "[B, Lb, Hq, D]"), k_cache=(k_cache, cache), v_cache=(v_cache, cache),
+                   cache_seqlens=(cache_seqlens, "[B]"), k_new=(k_new, "[B, Lb, Hkv, D]"),
+                   v_new=(v_new, "[B, Lb, Hkv, D]"))
+        check_same_device(op, q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new)
+        if block_table is not None:
+            check_dims(op, block_table=(block_table, "[B, max_pages]"))
+        for name, t in (("cache_seqlens", cache_seqlens), ("block_table", block_table)):
+            if t is not None and t.device.type != "cpu":   # (either may also be on the CPU)
+                check_same_device(op, q=q, **{name: t})
         return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
     def _setup_context(ctx, inputs, keyword_only_inputs, output):

@@ -1,4 +1,4 @@
-"""Mixture of experts (DESIGN.md §3.2): the routed part of a LLaDA2 MoE layer, as composable ops.
+"""Mixture of experts (docs/ARCHITECTURE.md, Mixture of experts): a LLaDA2 MoE layer's routed part, as ops.
 
     moe_route(router_logits, expert_bias, *, top_k, n_group, topk_group, routed_scaling_factor,
               norm_topk_prob=True) -> (topk_ids int32 [T, k], topk_weights fp32 [T, k])

@@ -1,15 +1,18 @@
 """The run configuration: a YAML or JSON file with the sections `model`, `data`, `optim`, `run` and `phases`.
 
     model:  init (checkpoint folder to start from, e.g. an AR model) | config (a config.json path or inline
-            dict: a random model, trained from scratch), tokenizer (default: the init folder), dtype, backend,
-            init_seed
+            dict: a random model, trained from scratch), tokenizer (default: the init folder), dtype (the
+            compute dtype: float32 | bfloat16 | float16; the masters and optimizer state stay fp32),
+            pure_low_precision (weights and optimizer state in dtype too), backend, init_seed
     data:   train, valid (.txt: documents separated by blank lines; .jsonl: {"text"} | {"prompt", "response"}
-            | {"prompt", "chosen", "rejected"}), row_length, batch_rows (global, over all processes),
-            valid_rows, split_long
+            | {"prompt", "chosen", "rejected"}; or a folder made by llada-engine prepare-data), row_length,
+            batch_rows (global, over all processes), micro_batch_rows (rows per forward per process; 0: all of
+            a process's rows at once), valid_rows, split_long
     optim:  lr, weight_decay, betas, eps, grad_clip, warmup_steps, decay_steps, min_lr_ratio,
-            embedding_noise_std, embedding_noise_steps
+            embedding_noise_std, embedding_noise_steps, expert_bias_update_rate (0: frozen),
+            moe_aux_loss_coef (0: off)
     run:    out_dir, seed, eval_every, save_every, keep_last, valid_t, parallel (ddp | fsdp), threads,
-            device (auto | cuda | cpu)
+            device (auto | cuda | cpu), activation_checkpointing, peak_tflops (per process, for MFU)
     phases: a list of {objective, steps, block_size (an int or "full"), lr, t_min, t_max, weighting,
             complementary, mask_band, cap_lambda, beta, name}
 
@@ -26,7 +29,7 @@ import yaml
 
 from .schedule import OBJECTIVES, WEIGHTINGS, Phase, Schedule
 
-DTYPES = ("float32", "bfloat16")
+DTYPES = ("float32", "bfloat16", "float16")
 PARALLEL = ("ddp", "fsdp")
 DEVICES = ("auto", "cuda", "cpu")
 
@@ -37,6 +40,7 @@ class ModelSpec:
     config: Union[str, dict, None] = None
     tokenizer: Optional[str] = None
     dtype: str = "float32"
+    pure_low_precision: bool = False
     backend: str = "kernels"
     init_seed: int = 0
 
@@ -47,6 +51,7 @@ class DataSpec:
     valid: Optional[str] = None
     row_length: int = 256
     batch_rows: int = 8
+    micro_batch_rows: int = 0       # 0: batch_rows / processes (one forward per process and step)
     valid_rows: int = 0             # 0: every validation row
     split_long: bool = False        # cut plain-text documents longer than a row into row-sized pieces
 
@@ -63,6 +68,8 @@ class OptimSpec:
     min_lr_ratio: float = 0.0
     embedding_noise_std: float = 0.0
     embedding_noise_steps: int = 0
+    expert_bias_update_rate: float = 0.0
+    moe_aux_loss_coef: float = 0.0
 
 
 @dataclasses.dataclass
@@ -76,6 +83,8 @@ class RunSpec:
     parallel: str = "ddp"
     threads: int = 0                # torch threads per process; 0: torch's default
     device: str = "auto"            # auto (CUDA when there is a GPU) | cuda | cpu
+    activation_checkpointing: bool = False
+    peak_tflops: float = 0.0        # 0: a known GPU's dense bf16 peak, else no MFU
 
 
 @dataclasses.dataclass
@@ -183,6 +192,8 @@ def _phase(raw: Any, index: int, optim: OptimSpec, data: DataSpec, source: str) 
     if band is not None:
         if not isinstance(band, (list, tuple)) or len(band) != 2 or not 0.0 <= band[0] <= band[1] <= 1.0:
             _fail(source, f"{where}.mask_band", f"must be [lo, hi] with 0 <= lo <= hi <= 1, got {band!r}")
+        if max(phase.t_min, band[0]) > min(phase.t_max, band[1]):
+            _fail(source, f"{where}.mask_band", f"{band} does not meet [t_min, t_max] = [{phase.t_min}, {phase.t_max}]")
         phase.mask_band = (float(band[0]), float(band[1]))
     if phase.lr <= 0:
         _fail(source, f"{where}.lr", f"must be positive, got {phase.lr}")
@@ -247,6 +258,8 @@ def config_from_dict(raw: dict, *, source: str = "config") -> RunConfig:
         _fail(source, "model.tokenizer", "missing (needed when the model is built from model.config)")
     if model.dtype not in DTYPES:
         _fail(source, "model.dtype", f"must be one of {DTYPES}, got {model.dtype!r}")
+    if model.pure_low_precision and model.dtype == "float32":
+        _fail(source, "model.pure_low_precision", "is for model.dtype bfloat16 or float16 (float32 is not low)")
     model.init = _resolve(model.init)
     model.tokenizer = _resolve(model.tokenizer) or model.init
     if isinstance(model.config, str):
@@ -257,6 +270,13 @@ def config_from_dict(raw: dict, *, source: str = "config") -> RunConfig:
     for key in ("row_length", "batch_rows"):
         if getattr(data, key) < 1:
             _fail(source, f"data.{key}", f"must be positive, got {getattr(data, key)}")
+    if data.micro_batch_rows < 0:
+        _fail(source, "data.micro_batch_rows", f"must be >= 0, got {data.micro_batch_rows}")
+    for key in ("expert_bias_update_rate", "moe_aux_loss_coef"):
+        if getattr(optim, key) < 0:
+            _fail(source, f"optim.{key}", f"must be >= 0, got {getattr(optim, key)}")
+    if run.peak_tflops < 0:
+        _fail(source, "run.peak_tflops", f"must be >= 0, got {run.peak_tflops}")
     if run.parallel not in PARALLEL:
         _fail(source, "run.parallel", f"must be one of {PARALLEL}, got {run.parallel!r}")
     if run.device not in DEVICES:

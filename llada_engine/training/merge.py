@@ -1,6 +1,8 @@
-"""Checkpoint merging: the element-wise mean of the weights of several checkpoints (DESIGN.md §6).
+"""Checkpoint merging: the element-wise mean of the weights of several checkpoints (docs/ARCHITECTURE.md, Training).
 
-    top_k_by_valid_loss(run_dir, k) -> the k checkpoints of a run with the lowest validation loss
+    top_k_by_valid_loss(run_dir, k, phase=None) -> the k checkpoints of one phase of a run (the phase of its
+                                                  latest checkpoint, or `phase` by name) with the lowest
+                                                  validation loss: never a mix of objectives or block sizes
     merge_checkpoints(paths, out_dir) -> out_dir: config.json + safetensors (+ tokenizer.json) of the mean
 
 The mean is taken in fp32 and written in the first checkpoint's dtype. The checkpoints must share one
@@ -10,6 +12,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -17,16 +20,26 @@ from ..model import load_model
 from .checkpoint import list_checkpoints, load_trainer_state
 
 
-def top_k_by_valid_loss(run_dir, k: int) -> list[Path]:
+def top_k_by_valid_loss(run_dir, k: int, phase: Optional[str] = None) -> list[Path]:
     if k < 1:
         raise ValueError(f"top-k must be >= 1, got {k}")
+    found = [(path, load_trainer_state(path)) for path in list_checkpoints(run_dir)]
+    if not found:
+        raise ValueError(f"{run_dir}: no checkpoints")
+    phases = list(dict.fromkeys(state.get("phase") for _, state in found))
+    if phase is None:
+        phase = found[-1][1].get("phase")
+    elif phase not in phases:
+        raise ValueError(f"{run_dir}: no checkpoint of phase {phase!r} (the run's checkpoints are of "
+                         f"{', '.join(map(repr, phases))})")
     scored = []
-    for path in list_checkpoints(run_dir):
-        loss = load_trainer_state(path).get("valid_loss")
-        if loss is not None and math.isfinite(loss):
+    for path, state in found:
+        loss = state.get("valid_loss")
+        if state.get("phase") == phase and loss is not None and math.isfinite(loss):
             scored.append((loss, path))
     if not scored:
-        raise ValueError(f"{run_dir}: no checkpoint with a validation loss (set data.valid in the run's config)")
+        raise ValueError(f"{run_dir}: no checkpoint of phase {phase!r} with a validation loss (set data.valid "
+                         f"in the run's config)")
     return [path for _, path in sorted(scored, key=lambda s: s[0])[:k]]
 
 

@@ -1,11 +1,12 @@
-"""The forward (masking) process of the diffusion objectives, on one packed row (DESIGN.md §6).
+"""The forward (masking) process of the diffusion objectives, on one packed row (docs/ARCHITECTURE.md, Training).
 
     trainable(row) -> bool [L]: tokens that may be masked and trained (not a prompt, not padding)
     mask_row(row, generator, *, mask_id, t_min, t_max, band=None, complementary=False) -> list[Noisy]
 
 Per sequence t ~ U[t_min, t_max]. Without a band each trainable token becomes MASK with probability t.
-With a band [lo, hi] exactly k = round(t n) of the n trainable tokens are masked, k clipped so that the
-realised ratio k / n lies in the band (where a whole number allows), and t is that realised ratio.
+With a band [lo, hi], t is drawn inside it (U[max(t_min, lo), min(t_max, hi)]) and exactly k = round(t n) of
+the n trainable tokens are masked, k kept where the realised ratio k / n lies in the band (where a whole
+number allows), and t is that realised ratio.
 Complementary masking returns the row twice: with the mask M and with its complement over the trainable
 tokens (t -> 1 - t), so that every trainable token is masked exactly once across the pair.
 L = tokens of the row, S = its sequences.
@@ -48,6 +49,10 @@ def mask_row(row: Row, generator: torch.Generator, *, mask_id: int, t_min: float
     train = trainable(row)
     seq = sequence_index(row.lengths)
     S = len(row.lengths)
+    if band is not None:
+        if max(t_min, band[0]) > min(t_max, band[1]):
+            raise ValueError(f"mask_band {band} does not meet the mask ratio range [{t_min}, {t_max}]")
+        t_min, t_max = max(t_min, band[0]), min(t_max, band[1])
     t_seq = t_min + (t_max - t_min) * torch.rand(S, generator=generator)         # [S]
     if band is None:
         masked = train & (torch.rand(len(x0), generator=generator) < t_seq[seq])
@@ -60,7 +65,7 @@ def mask_row(row: Row, generator: torch.Generator, *, mask_id: int, t_min: float
             n = len(where)
             if n == 0:
                 continue
-            k = round(float(t_seq[s].clamp(lo, hi)) * n)
+            k = round(float(t_seq[s]) * n)
             k_lo, k_hi = math.ceil(lo * n - 1e-9), math.floor(hi * n + 1e-9)
             if k_lo <= k_hi:
                 k = min(max(k, k_lo), k_hi)

@@ -1,4 +1,4 @@
-"""A training run as a list of phases, and its learning rate (DESIGN.md §6).
+"""A training run as a list of phases, and its learning rate (docs/ARCHITECTURE.md, Training).
 
 Each phase trains one objective at one block size for a number of steps at a peak learning rate; the
 phases run one after the other. Over the whole run the learning rate follows warmup-stable-decay (WSD):
@@ -23,7 +23,7 @@ class Phase:
     t_max: float = 1.0
     weighting: str = "elbo"         # elbo: sum of CE / t per trainable token; mean: CE per masked token
     complementary: bool = False     # each row twice: with mask M and with its complement
-    mask_band: Optional[tuple[float, float]] = None  # realised mask ratio of each document clipped to [lo, hi]
+    mask_band: Optional[tuple[float, float]] = None  # each document's mask ratio drawn inside [lo, hi]
     cap_lambda: float = 0.0         # weight of the CAP entropy term
     beta: float = 0.1               # DPO temperature
 

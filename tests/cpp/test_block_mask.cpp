@@ -1,6 +1,7 @@
-// The block-attention mask (csrc/attention/block_mask.h): the predicate against the rule of DESIGN.md
-// §3.1 written out independently; the tile classification, the key/query ranges, the per-row kept key
-// ranges and the 32-bit coordinates against it, for many lengths, block sizes and tile shapes.
+// The block-attention mask (csrc/attention/block_mask.h): the predicate against the rule of
+// (docs/ARCHITECTURE.md, Block attention) written out independently; the tile classification, the key/query
+// ranges, the per-row kept key ranges and the 32-bit coordinates against it, for many lengths, block sizes and
+// tile shapes.
 #include <cstdint>
 #include <cstdio>
 #include <initializer_list>

@@ -1,5 +1,6 @@
 // commit_tokens_cpu against a direct double-precision computation: greedy tokens, confidences and
-// decisions; sampling reproducible and top_k = 1 equal to greedy; NaN reported.
+// decisions; sampling reproducible and top_k = 1 equal to greedy; NaN reported (failing, or through the
+// invalid flag); per-sequence parameters equal to calls on each sequence alone.
 #include <cmath>
 #include <limits>
 #include <random>
@@ -100,5 +101,83 @@ int main() {
   const Out o = run(bad, 0.0f, 0, 1.0f, 0);
   CHECK(o.status == llada::Status::kNanInput);
   CHECK(o.tokens == before);
+
+  // With the invalid flag the kernel does not fail: the NaN row (position 77 / V = row 1, sequence 0) gets
+  // token 0 and confidence NaN (where masked), is never committed, and flags its sequence only.
+  {
+    Case c = make_case(2, 4, 50, 1.0f, 9);
+    c.logits[77] = std::numeric_limits<float>::quiet_NaN();
+    c.tokens[1] = c.mask_id;
+    std::vector<int64_t> tokens = c.tokens, candidates(8);
+    std::vector<float> confidence(8);
+    bool committed[8], invalid[2] = {true, true};
+    llada::CommitTokensParams p;
+    p.tokens = tokens.data();
+    p.logits = c.logits.data();
+    p.min_commit = c.min_commit.data();
+    p.committed = committed;
+    p.confidence = confidence.data();
+    p.candidates = candidates.data();
+    p.batch = 2;
+    p.block = 4;
+    p.vocab = 50;
+    p.mask_id = c.mask_id;
+    p.invalid = invalid;
+    CHECK(llada::commit_tokens_cpu(p) == llada::Status::kOk);
+    CHECK(invalid[0] && !invalid[1]);
+    CHECK(std::isnan(confidence[1]) && candidates[1] == 0 && !committed[1] && tokens[1] == c.mask_id);
+  }
+
+  // Per-sequence parameters: sequence 1 greedy, sequence 0 sampled; with own streams each equals a call on it
+  // alone.
+  {
+    const Case c = make_case(2, 9, 300, 2.0f, 11);
+    const float temperature[2] = {1.0f, 0.0f}, threshold[2] = {0.2f, 0.9f}, top_p[2] = {0.9f, 1.0f};
+    const int32_t top_k[2] = {0, 0};
+    const int64_t seed[2] = {7, 8}, offset[2] = {3, 0};
+    std::vector<int64_t> tokens = c.tokens, candidates(18);
+    std::vector<float> confidence(18);
+    bool committed[18];
+    llada::CommitTokensParams p;
+    p.tokens = tokens.data();
+    p.logits = c.logits.data();
+    p.min_commit = c.min_commit.data();
+    p.committed = committed;
+    p.confidence = confidence.data();
+    p.candidates = candidates.data();
+    p.batch = 2;
+    p.block = 9;
+    p.vocab = 300;
+    p.mask_id = c.mask_id;
+    p.per_seq = {threshold, temperature, top_k, top_p, seed, offset};
+    p.own_streams = true;
+    CHECK(llada::commit_tokens_cpu(p) == llada::Status::kOk);
+    for (int64_t b = 0; b < 2; ++b) {
+      std::vector<int64_t> t1(c.tokens.begin() + b * 9, c.tokens.begin() + (b + 1) * 9), cand1(9);
+      std::vector<float> conf1(9);
+      bool comm1[9];
+      llada::CommitTokensParams q = p;
+      q.tokens = t1.data();
+      q.logits = c.logits.data() + b * 9 * 300;
+      q.min_commit = c.min_commit.data() + b;
+      q.committed = comm1;
+      q.confidence = conf1.data();
+      q.candidates = cand1.data();
+      q.batch = 1;
+      q.per_seq = {};
+      q.threshold = threshold[b];
+      q.temperature = temperature[b];
+      q.top_k = top_k[b];
+      q.top_p = top_p[b];
+      q.seed = static_cast<uint64_t>(seed[b]);
+      q.offset = static_cast<uint64_t>(offset[b]);
+      q.own_streams = false;  // B = 1: row l either way
+      CHECK(llada::commit_tokens_cpu(q) == llada::Status::kOk);
+      for (int64_t l = 0; l < 9; ++l) {
+        CHECK(cand1[l] == candidates[b * 9 + l] && t1[l] == tokens[b * 9 + l] && comm1[l] == committed[b * 9 + l]);
+        CHECK(conf1[l] == confidence[b * 9 + l] || (std::isinf(conf1[l]) && std::isinf(confidence[b * 9 + l])));
+      }
+    }
+  }
   TEST_MAIN_END();
 }

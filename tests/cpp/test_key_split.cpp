@@ -1,6 +1,6 @@
-// Split-KV of the CUDA decode form (csrc/attention/key_split.h) on the CPU: the split count, the runs of key
-// tiles (disjoint, tile-aligned, covering the keys), and the merge of partial outputs against one softmax
-// over all keys, with empty runs among them.
+// Split-KV of the CUDA decode form (csrc/attention/key_split.h) on the CPU: the run count, the runs of a fixed
+// number of keys (disjoint, cut at fixed positions, covering the keys), and the merge of partial outputs
+// against one softmax over all keys, with empty runs among them; a single run merges to exactly itself.
 #include <cmath>
 #include <cstdint>
 #include <random>
@@ -14,42 +14,50 @@ using llada::RowRange;
 namespace {
 
 void test_key_splits() {
-  CHECK(llada::key_splits(16, 4096 + 32, 64, 132) == 17);   // batch 1, 16 heads: 17 runs of about 4 tiles
-  CHECK(llada::key_splits(264, 4096, 64, 132) == 1);         // the grid already fills the GPU twice
-  CHECK(llada::key_splits(1, 100, 64, 132) == 2);            // no more runs than key tiles
-  CHECK(llada::key_splits(1, 1 << 20, 64, 132) == llada::kMaxKeySplits);
-  CHECK(llada::key_splits(0, 100, 64, 132) == 1);
-  CHECK(llada::key_splits(4, 0, 64, 132) == 1);
+  const int64_t K = llada::kKeysPerSplit;
+  CHECK(K % 64 == 0);  // whole key tiles of the CUDA kernel
+  CHECK(llada::key_splits(0) == 1);
+  CHECK(llada::key_splits(1) == 1);
+  CHECK(llada::key_splits(K) == 1);
+  CHECK(llada::key_splits(K + 1) == 2);
+  CHECK(llada::key_splits(4096 + 32) == static_cast<int>((4096 + 32 + K - 1) / K));
 }
 
+// The runs of a key range: consecutive, disjoint, covering it, cut only at multiples of kKeysPerSplit, and the
+// same whatever the number of runs the grid holds (that number follows the longest sequence of the batch).
 void test_split_keys() {
+  const int64_t K = llada::kKeysPerSplit;
   std::mt19937 rng(3);
   for (int trial = 0; trial < 2000; ++trial) {
-    const int64_t tile = trial % 3 == 0 ? 64 : 1 + rng() % 70;
-    const int64_t begin = rng() % 300, end = begin + rng() % 900;
-    const int splits = 1 + static_cast<int>(rng() % 40);
-    int64_t at = begin, longest = 0;
+    const int64_t begin = trial % 4 == 0 ? 0 : rng() % 3000, end = begin + rng() % 5000;
+    const int needed = llada::key_splits(end);
+    const int splits = needed + static_cast<int>(rng() % 5);  // a batch with longer sequences: more runs
+    int64_t at = begin;
     for (int s = 0; s < splits; ++s) {
-      const RowRange r = llada::split_keys(RowRange{begin, end}, s, splits, tile);
-      if (r.begin >= r.end) continue;
-      CHECK(r.begin == at);                                     // consecutive and disjoint
-      CHECK(r.begin == begin || r.begin % tile == 0);           // whole tiles inside
-      CHECK(r.end == end || r.end % tile == 0);
-      longest = std::max(longest, (r.end - 1) / tile - r.begin / tile + 1);
+      const RowRange r = llada::split_keys(RowRange{begin, end}, s);
+      if (r.begin >= r.end) {
+        CHECK(r.begin == r.end);
+        CHECK(s >= needed || (s + 1) * K <= begin);  // empty only before the range or past its end
+        continue;
+      }
+      CHECK(r.begin == at);                                   // consecutive and disjoint
+      CHECK(r.begin == begin || r.begin == s * K);            // cut at fixed positions
+      CHECK(r.end == end || r.end == (s + 1) * K);
+      CHECK(r.end - r.begin <= K);
       at = r.end;
     }
-    CHECK(at == (begin < end ? end : begin));                   // covering
-    const int64_t tiles = begin < end ? (end + tile - 1) / tile - begin / tile : 0;
-    CHECK(longest <= (tiles + splits - 1) / splits);
+    CHECK(at == (begin < end ? end : begin));                 // covering
   }
+  const RowRange none = llada::split_keys(RowRange{5, 5}, 0);
+  CHECK(none.begin == none.end);
 }
 
 void test_merge() {
   std::mt19937 rng(4);
   std::normal_distribution<float> normal(0.0f, 3.0f);
   for (int trial = 0; trial < 200; ++trial) {
-    const int n = 1 + static_cast<int>(rng() % 200), splits = 1 + static_cast<int>(rng() % 12);
-    const int64_t tile = 1 + rng() % 20;
+    const int n = 1 + static_cast<int>(rng() % (4 * llada::kKeysPerSplit));
+    const int splits = llada::key_splits(n) + static_cast<int>(rng() % 3);
     std::vector<float> score(n), value(n);
     for (int j = 0; j < n; ++j) {
       score[j] = normal(rng);
@@ -64,7 +72,7 @@ void test_merge() {
     const double want_lse = top + std::log(sum), want_out = out / sum;
     std::vector<float> lse(splits), part(splits);
     for (int s = 0; s < splits; ++s) {
-      const RowRange r = llada::split_keys(RowRange{0, n}, s, splits, tile);
+      const RowRange r = llada::split_keys(RowRange{0, n}, s);
       double m = -INFINITY, l = 0.0, o = 0.0;
       for (int64_t j = r.begin; j < r.end; ++j) m = std::max(m, static_cast<double>(score[j]));
       for (int64_t j = r.begin; j < r.end; ++j) {
@@ -85,9 +93,28 @@ void test_merge() {
   CHECK(llada::merge_weight(-INFINITY, -INFINITY) == 0.0f);
 }
 
+// A sequence whose keys fit in one run, in a grid of several: the merge (in the order merge_splits_kernel
+// adds) gives back that run's lse and output bit for bit, i.e. exactly what the unsplit kernel writes.
+void test_single_run_is_exact() {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> normal(0.0f, 30.0f);
+  for (int trial = 0; trial < 1000; ++trial) {
+    const int splits = 2 + static_cast<int>(rng() % 40);
+    std::vector<float> lse(splits, -INFINITY), part(splits, 0.0f);
+    lse[0] = normal(rng);
+    part[0] = normal(rng);
+    const float merged = llada::merged_lse(lse.data(), splits, 1);
+    float out = 0.0f;
+    for (int s = 0; s < splits; ++s) out += llada::merge_weight(lse[s], merged) * part[s];
+    CHECK(merged == lse[0]);
+    CHECK(out == part[0]);
+  }
+}
+
 }  // namespace
 
 int main() {
+  test_single_run_is_exact();
   test_key_splits();
   test_split_keys();
   test_merge();

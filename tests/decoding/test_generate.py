@@ -9,9 +9,11 @@ import torch
 
 import llada_engine
 from llada_engine.decoding import min_commit_schedule
-from llada_engine.decoding.kv_cache import KVCache
+from llada_engine.decoding.paged_cache import PagedBatch, PagedKVCache
 from model_testing import tiny_checkpoint
 from official_llada2 import official_generate
+
+pytestmark = pytest.mark.kernels
 
 
 @pytest.fixture(scope="module")
@@ -135,20 +137,29 @@ def test_bad_arguments(tiny):
 
 def last_block_logits(model, seqs, Lb, *, cached):
     """Logits [B, Lb, V] (fp32, on the CPU) of each sequence's last block: the full forward, or the block
-    against a KV cache that prefill filled with the sequence's earlier blocks."""
+    against a paged KV cache that prefill filled with the sequence's earlier blocks."""
     device, cfg = model.device, model.config
     if not cached:
         ids = torch.cat(seqs).to(device)
         cu = torch.tensor([0] + [len(s) for s in seqs]).cumsum(0).to(torch.int32).to(device)
         logits = model(ids, cu, block_size=Lb)                                                  # [T, V]
         return torch.stack([logits[int(end) - Lb:int(end)] for end in cu[1:]]).float().cpu()
-    cache = KVCache(cfg.num_hidden_layers, len(seqs), max(len(s) for s in seqs), cfg.num_key_value_heads,
-                    cfg.head_dim, model.dtype, device)
-    earlier = [(row, s[:-Lb]) for row, s in enumerate(seqs) if len(s) > Lb]
+    pages = sum(len(s) // Lb for s in seqs)
+    cache = PagedKVCache(cfg.num_hidden_layers, pages, Lb, cfg.num_key_value_heads, cfg.head_dim, model.dtype,
+                         device, max_slots=len(seqs), max_pages=max(len(s) for s in seqs) // Lb)
+    for slot, s in enumerate(seqs):
+        cache.allocate(slot, len(s) // Lb)
+    earlier = [(slot, s[:-Lb]) for slot, s in enumerate(seqs) if len(s) > Lb]
     ids = torch.cat([s for _, s in earlier]).to(device)
     cu = torch.tensor([0] + [len(s) for _, s in earlier]).cumsum(0).to(torch.int32).to(device)
-    model.prefill(ids, cu, cache, torch.tensor([row for row, _ in earlier], device=device), Lb)
-    return model.forward_cached(torch.stack([s[-Lb:] for s in seqs]).to(device), cache).float().cpu()
+    positions = torch.cat([torch.arange(len(s)) for _, s in earlier]).to(device)
+    slots = torch.cat([cache.prefill_slots(slot, len(s)) for slot, s in earlier]).to(device)
+    model.prefill(ids, cu, positions, max(len(s) for _, s in earlier), Lb, cache, slots)
+    view = cache.decode_view(list(range(len(seqs))), [False] * len(seqs), Lb)
+    batch = PagedBatch(view.block_table.to(device), view.seqlens.to(device), view.write_slots.to(device))
+    positions = (view.seqlens.long()[:, None] + torch.arange(Lb)).reshape(-1).to(device)
+    return model.forward_paged(torch.stack([s[-Lb:] for s in seqs]).to(device), positions, cache,
+                               batch).float().cpu()
 
 
 @pytest.mark.gpu

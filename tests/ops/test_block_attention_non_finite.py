@@ -11,6 +11,8 @@ import torch
 from llada_engine.ops import (block_attention, block_attention_decode, block_attention_decode_ref,
                               block_attention_ref)
 
+pytestmark = pytest.mark.kernels
+
 NAN, INF = float("nan"), float("inf")
 LENGTHS_Q, LENGTHS_K = [5, 71, 9, 12], [5, 71, 9, 4]
 MASKED_ROW = 76 + 9 + 2     # a query of the last document that sees no key (block_causal, block size 4)

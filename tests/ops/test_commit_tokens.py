@@ -7,6 +7,8 @@ import torch
 from llada_engine.ops import commit_tokens, commit_tokens_, commit_tokens_ref
 from op_testing import DEVICES
 
+pytestmark = pytest.mark.kernels
+
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
@@ -155,13 +157,12 @@ def test_sampled_distribution_is_the_filtered_softmax(device, sampling, keep):
 def test_nan_raises(device, V):
     tokens, logits, mask_id = make_block(2, 8, V, device=device, seed=7)
     logits[1, 3, V - 17] = float("nan")
-    before = tokens.clone()
+    tokens[1, 3] = mask_id
     with pytest.raises(ValueError, match="NaN"):
         commit_tokens(tokens, logits, mask_id=mask_id, threshold=0.5, min_commit=1)
     with pytest.raises(ValueError, match="NaN"):
         commit_tokens_(tokens, logits, mask_id=mask_id, threshold=0.5, min_commit=1)
-    if device == "cpu":
-        assert torch.equal(tokens, before)
+    assert tokens[1, 3] == mask_id, "the NaN position was committed"
     with pytest.raises(ValueError, match="NaN"):
         commit_tokens_ref(tokens, logits, mask_id=mask_id, threshold=0.5, min_commit=1)
 
@@ -175,7 +176,8 @@ def test_non_finite_logits_are_named(device):
     all_minus_inf = logits.clone()
     all_minus_inf[0, 2] = float("-inf")
     cases = [(row_inf, {}, r"logits\[1, 3\] has no finite maximum"), (all_minus_inf, {}, r"logits\[0, 2\] has no finite"),
-             (logits, dict(temperature=1e-45, top_k=5), "temperature = 1e-45 is too small")]
+             (logits, dict(temperature=1e-45, top_k=5), "temperature = 1e-45 is too small"),
+             (logits, dict(temperature=torch.tensor([0.5, 1e-45], device=device)), r"temperature\[1\] = 1.4\d*e-45 is too")]
     for x, extra, match in cases:
         for fn in (commit_tokens, commit_tokens_, commit_tokens_ref):
             with pytest.raises(ValueError, match=match):
@@ -189,6 +191,10 @@ def test_seeds_are_64_bit_words():
         result = commit_tokens(tokens, logits, seed=seed, offset=seed, **kw)
         assert_same(result, commit_tokens(tokens, logits, seed=same, offset=same, **kw))
         assert_same(result, commit_tokens_ref(tokens, logits, seed=seed, offset=seed, **kw))
+        word = torch.tensor([same])                    # the same word as an int64 tensor (B = 1: row = l either way)
+        one = commit_tokens(tokens[:1], logits[:1], seed=seed, offset=seed, **kw)
+        assert_same(one, commit_tokens(tokens[:1], logits[:1], seed=word, offset=word, **kw))
+        assert_same(one, commit_tokens_ref(tokens[:1], logits[:1], seed=word, offset=word, **kw))
 
 
 def test_int64_min_commit_is_taken_as_is():
@@ -236,7 +242,9 @@ def test_negative_infinity_logits_are_fine(device, V):
     (dict(seed=2**64), r"seed must be in \[-2\^63, 2\^64\) \(a 64-bit Philox word\), got 18446744073709551616"),
     (dict(seed=-2**63 - 1), r"seed must be in \[-2\^63, 2\^64\)"),
     (dict(offset=2**70), r"offset must be in \[-2\^63, 2\^64\)"),
-    (dict(seed=1.5), "seed must be an int, got float"),
+    (dict(seed=1.5), r"seed must be an int or a tensor \[B\], got float"),
+    (dict(seed=torch.tensor([1.0, 2.0])), "seed must be an int or an integer tensor"),
+    (dict(temperature=torch.tensor([0.5, 1e-46], dtype=torch.float64)), r"temperature\[1\] = 1e-46 is too small"),
     (dict(logits=lambda x: x.to("meta")), "logits is on meta but tokens is on cpu"),
 ])
 def test_bad_arguments_are_named(change, match):
@@ -249,11 +257,19 @@ def test_bad_arguments_are_named(change, match):
 
 
 def opcheck_samples(device):
-    """(args, kwargs) samples for torch.library.opcheck of llada::commit_tokens and llada::commit_tokens_."""
+    """(args, kwargs) samples for torch.library.opcheck of llada::commit_tokens(_) and
+    llada::commit_tokens_per_seq(_)."""
     tokens, logits, mask_id = make_block(3, 8, 64, device=device, seed=10)
     min_commit = torch.tensor([1, 0, 3], dtype=torch.int32, device=device)
     kw = dict(mask_id=mask_id, threshold=0.5, temperature=0.0, top_k=0, top_p=1.0, seed=0, offset=0)
     sampled = dict(kw, temperature=0.9, top_k=10, top_p=0.9, seed=5, offset=1)
     samples = [((tokens, logits, min_commit), kw), ((tokens, logits.bfloat16(), min_commit), sampled)]
+    per_seq = (torch.tensor([0.5, 0.9, 0.0]), torch.tensor([0.0, 0.8, 1.5]), torch.tensor([0, 5, 0], dtype=torch.int32),
+               torch.tensor([1.0, 1.0, 0.7]), torch.tensor([3, 4, 5]), torch.tensor([0, 2, 1]))
+    on_device = tuple(t.to(device) for t in per_seq)
+    per_seq_samples = [((tokens, logits, min_commit) + on_device, dict(mask_id=mask_id)),
+                       ((tokens, logits.bfloat16(), min_commit) + per_seq, dict(mask_id=mask_id, own_streams=False))]
     return {"commit_tokens": samples,
-            "commit_tokens_": [((a[0].clone(),) + a[1:], k) for a, k in samples]}
+            "commit_tokens_": [((a[0].clone(),) + a[1:], k) for a, k in samples],
+            "commit_tokens_per_seq": per_seq_samples,
+            "commit_tokens_per_seq_": [((a[0].clone(),) + a[1:], k) for a, k in per_seq_samples]}

@@ -9,6 +9,8 @@ import torch
 from llada_engine.ops import moe_grouped_gemm, moe_grouped_gemm_ref
 from op_cases import CASES, assert_same_result, make_case
 
+pytestmark = pytest.mark.kernels
+
 JUNK = 2**30 + 7  # what the memory around a view holds
 
 INDEX_ARGS = sorted((case, arg) for case in CASES for arg in make_case(case).index)

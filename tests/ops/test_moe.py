@@ -10,6 +10,8 @@ from llada_engine.ops import (moe_experts, moe_experts_ref, moe_grouped_gemm, mo
                               moe_permute_ref, moe_route, moe_route_ref, moe_unpermute, moe_unpermute_ref)
 from op_testing import DEVICES, assert_close_to_reference
 
+pytestmark = pytest.mark.kernels
+
 ROUTE_CONFIGS = [  # (T, E, top_k, n_group, topk_group)
     (1, 8, 2, 4, 2), (37, 16, 4, 4, 2), (64, 64, 8, 8, 4), (19, 256, 8, 8, 4), (5, 12, 3, 12, 5), (9, 6, 6, 1, 1)]
 

@@ -1,7 +1,8 @@
 """Every op and public op wrapper refuses mixed devices by name: a meta tensor among CPU tensors (which would
 dispatch to the fake implementation and return uninitialised memory) and, on a GPU, a CPU tensor among CUDA
-ones (except cache_seqlens of the decode form, which may live on the CPU). All-meta arguments still give
-meta results of the right shapes (what torch.compile traces with)."""
+ones (except the index tensors of the decode form and the per-sequence parameters of commit_tokens, which may
+live on the CPU). All-meta arguments still give meta results of the right shapes (what torch.compile traces
+with)."""
 import re
 
 import pytest
@@ -9,7 +10,16 @@ import torch
 
 from op_cases import CASES, make_case
 
-ALLOWED_ON_CPU = {("llada.block_attention_decode", "cache_seqlens"), ("block_attention_decode", "cache_seqlens")}
+pytestmark = pytest.mark.kernels
+
+PER_SEQ_PARAMS = ("threshold", "temperature", "top_k", "top_p", "seed", "offset")
+ALLOWED_ON_CPU = ({(case, "cache_seqlens") for case in ("llada.block_attention_decode", "block_attention_decode",
+                                                       "llada.block_attention_decode.paged",
+                                                       "block_attention_decode.paged")}
+                  | {(case, "block_table") for case in ("llada.block_attention_decode.paged",
+                                                       "block_attention_decode.paged")}
+                  | {(case, name) for case in ("llada.commit_tokens_per_seq", "llada.commit_tokens_per_seq_",
+                                               "commit_tokens.per_seq") for name in PER_SEQ_PARAMS})
 
 
 def error_of(case, **changes) -> ValueError:

@@ -11,6 +11,8 @@ import pytest
 
 from op_cases import CASES
 
+pytestmark = pytest.mark.kernels
+
 FUZZ = Path(__file__).parents[1] / "op_fuzz.py"
 EXAMPLES = 25  # per op: about 0.1 s each on the CPU; LLADA_FUZZ_EXAMPLES overrides
 

@@ -9,6 +9,8 @@ import torch
 from op_testing import DEVICES, registered_llada_ops
 from ops import test_block_attention, test_commit_tokens, test_moe
 
+pytestmark = pytest.mark.kernels
+
 FAMILIES = [test_commit_tokens, test_moe, test_block_attention]
 
 

@@ -1,4 +1,5 @@
-"""Run configurations: the shipped WSD recipe changes block size at the right steps, the learning rate is
+"""Run configurations: the shipped WSD recipe changes block size at the right steps (up, then down through
+intermediate sizes), the learning rate is
 warmup-stable-decay, the tiny recipe configs parse, and bad configs name the file and the key."""
 from pathlib import Path
 
@@ -15,7 +16,8 @@ def test_wsd_recipe_changes_block_size_at_the_right_steps():
     config = load_config(CONFIGS / "wsd_conversion.yaml")
     schedule, full = config.schedule, config.data.row_length
     expected = [("bdlm", 1, 1000), ("bdlm", 4, 1000), ("bdlm", 32, 1000), ("bdlm", 64, 1000), ("bdlm", full, 1000),
-                ("mdlm", full, 10000), ("bdlm", 32, 5000)]
+                ("mdlm", full, 10000), ("bdlm", 1024, 1000), ("bdlm", 256, 1000), ("bdlm", 64, 1000),
+                ("bdlm", 32, 2000)]
     assert [(p.objective, p.block_size, p.steps) for p in schedule.phases] == expected
     start = 0
     for objective, block, steps in expected:
@@ -42,19 +44,19 @@ def test_learning_rate_is_warmup_stable_decay():
     assert all(a <= b for a, b in zip(lrs[:500], lrs[1:500])) and all(a >= b for a, b in zip(lrs[-2000:], lrs[-1999:]))
 
 
-@pytest.mark.parametrize("name", ["ar_pretrain.yaml", "wsd_conversion.yaml", "sft.yaml"])
+@pytest.mark.parametrize("name", ["ar_pretrain.yaml", "wsd_conversion.yaml", "sft.yaml", "dpo.yaml"])
 def test_tiny_recipe_configs_parse(name):
     config = load_config(CONFIGS / "tiny" / name)
     assert config.data.row_length == 256 and config.schedule.total_steps > 0
     if name == "wsd_conversion.yaml":
-        assert [p.block_size for p in config.schedule.phases] == [1, 4, 32, 64, 256, 256, 32]
+        assert [p.block_size for p in config.schedule.phases] == [1, 4, 32, 64, 256, 256, 128, 64, 32]
 
 
 def test_overrides():
     config = load_config(CONFIGS / "wsd_conversion.yaml",
-                         parse_overrides(["run.out_dir=/tmp/x", "data.row_length=128", "optim.lr=1e-4"]))
-    assert config.run.out_dir == "/tmp/x" and config.data.row_length == 128
-    assert config.schedule.phases[-2].block_size == 128 and config.schedule.phases[0].lr == 1e-4
+                         parse_overrides(["run.out_dir=/tmp/x", "data.row_length=2048", "optim.lr=1e-4"]))
+    assert config.run.out_dir == "/tmp/x" and config.data.row_length == 2048
+    assert config.schedule.phases[5].block_size == 2048 and config.schedule.phases[0].lr == 1e-4
 
 
 def good():

@@ -1,7 +1,7 @@
 """The objectives against direct computations: every sequence alone through an independent statement of the
 official forward (tests/official_llada2.py) under a dense mask built here by hand, cross-entropies summed in
-a loop. Covers bdlm (elbo and mean, two block sizes, both backends), mdlm, ar, CAP and DPO (its formula,
-and gradients that reach only the policy)."""
+a loop. Covers bdlm (elbo and mean, two block sizes, both backends), mdlm, ar, CAP and DPO (its formula, its
+reward metrics, and gradients that reach only the policy)."""
 import math
 
 import numpy as np
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import llada_engine
 from llada_engine.training.data import CHOSEN, PADDING, PLAIN, REJECTED, Row
-from llada_engine.training.losses import cap_entropy, collate, diffusion_logits, diffusion_loss, objective_loss
+from llada_engine.training.losses import cap_entropy, collate, diffusion_logits, objective_loss, summarize
 from llada_engine.training.noise import mask_row
 from llada_engine.training.schedule import Phase
 from official_llada2 import official_forward
@@ -81,7 +81,7 @@ def test_bdlm_loss_equals_direct_computation(tiny, backend, block, weighting):
     batch = noisy_batch(rows())
     assert batch.masked.any() and not (batch.masked & ~batch.trainable).any()
     phase = Phase("bdlm", 1, block, 1e-3, weighting=weighting)
-    loss, _ = diffusion_loss(model, batch, phase, identity)
+    loss, _ = objective_loss(model, batch, phase, identity)
     assert loss.item() == pytest.approx(direct_diffusion(sd, cfg, batch, block, weighting), rel=1e-4)
 
 
@@ -89,10 +89,11 @@ def test_mdlm_loss_equals_direct_computation(tiny):
     path, cfg, sd = tiny
     model = llada_engine.load_model(path, backend="reference")
     batch = noisy_batch(rows(2), seed=5)
-    loss, _ = diffusion_loss(model, batch, Phase("mdlm", 1, 32, 1e-3), identity)
+    loss, _ = objective_loss(model, batch, Phase("mdlm", 1, 32, 1e-3), identity)
     assert loss.item() == pytest.approx(direct_diffusion(sd, cfg, batch, 32, "elbo", bd3=False), rel=1e-4)
 
 
+@pytest.mark.kernels
 def test_ar_loss_equals_direct_computation(tiny):
     path, cfg, sd = tiny
     model = llada_engine.load_model(path)
@@ -109,6 +110,7 @@ def test_ar_loss_equals_direct_computation(tiny):
     assert loss.item() == pytest.approx(total / count, rel=1e-4)
 
 
+@pytest.mark.kernels
 def test_cap_is_the_mean_entropy_of_right_predictions(tiny):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(20, 11, generator=g) * 3
@@ -116,18 +118,26 @@ def test_cap_is_the_mean_entropy_of_right_predictions(tiny):
     target[::2] = logits[::2].argmax(-1)
     entropies = [-(F.softmax(logits[i], -1) * F.log_softmax(logits[i], -1)).sum().item()
                  for i in range(20) if logits[i].argmax() == target[i]]
-    assert cap_entropy(logits, target, identity).item() == pytest.approx(sum(entropies) / len(entropies), rel=1e-5)
+    entropy, right = cap_entropy(logits, target)
+    assert right.item() == len(entropies) and entropy.item() == pytest.approx(sum(entropies), rel=1e-5)
 
     path, cfg, sd = tiny
     model = llada_engine.load_model(path)
     batch = noisy_batch(rows())
-    base, _ = diffusion_loss(model, batch, Phase("bdlm", 1, 4, 1e-3), identity)
-    with_cap, metrics = diffusion_loss(model, batch, Phase("bdlm", 1, 4, 1e-3, cap_lambda=0.3), identity)
-    logits = diffusion_logits(model, batch, Phase("bdlm", 1, 4, 1e-3))
-    want = cap_entropy(logits, batch.x0[batch.masked], identity)
-    assert with_cap.item() == pytest.approx(base.item() + 0.3 * want.item(), rel=1e-5)
+    mdlm = Phase("mdlm", 1, 32, 1e-3)
+    logits = diffusion_logits(model, batch, mdlm)            # x_0 is not an input of mdlm: make half the targets
+    x0 = batch.x0.clone()                                    # the model's own predictions
+    where = batch.masked.nonzero().squeeze(1)[::2]
+    x0[where] = logits.argmax(-1)[::2]
+    batch.x0 = x0
+    base, _ = objective_loss(model, batch, mdlm, identity)
+    with_cap, metrics = objective_loss(model, batch, Phase("mdlm", 1, 32, 1e-3, cap_lambda=0.3), identity)
+    entropy, right = cap_entropy(logits, batch.x0[batch.masked])
+    assert right >= len(where) > 0 and metrics["right"] == right
+    assert with_cap.item() == pytest.approx(base.item() + 0.3 * entropy.item() / right.item(), rel=1e-5)
 
 
+@pytest.mark.kernels
 def test_dpo_equals_its_formula_and_only_the_policy_gets_gradients(tmp_path, tiny):
     path, cfg, sd = tiny
     ref_path, _, ref_sd = small_checkpoint(tmp_path / "ref", seed=9)
@@ -139,7 +149,7 @@ def test_dpo_equals_its_formula_and_only_the_policy_gets_gradients(tmp_path, tin
               [CHOSEN, REJECTED, CHOSEN, REJECTED, PADDING])
     batch = collate([(row, n) for n in mask_row(row, g, mask_id=MASK, t_min=0.3, t_max=0.9)])
     phase = Phase("dpo", 1, 4, 1e-3, beta=0.1)
-    loss, _ = objective_loss(policy, batch, phase, identity, reference)
+    loss, metrics = objective_loss(policy, batch, phase, identity, reference)
 
     def elbo(state, s):
         n = s.stop - s.start
@@ -149,16 +159,24 @@ def test_dpo_equals_its_formula_and_only_the_policy_gets_gradients(tmp_path, tin
                     for i in range(n) if batch.masked[s][i])
 
     seqs = sequences(batch)
-    want = 0.0
+    want, chosen, rejected = 0.0, [], []
     for w, l in ((seqs[0], seqs[1]), (seqs[2], seqs[3])):
-        margin = 0.1 * ((elbo(sd, w) - elbo(ref_sd, w)) - (elbo(sd, l) - elbo(ref_sd, l)))
-        want += -math.log(1 / (1 + math.exp(-margin)))
+        chosen.append(0.1 * (elbo(sd, w) - elbo(ref_sd, w)))
+        rejected.append(0.1 * (elbo(sd, l) - elbo(ref_sd, l)))
+        want += -math.log(1 / (1 + math.exp(-(chosen[-1] - rejected[-1]))))
     assert loss.item() == pytest.approx(want / 2, rel=1e-4)
+    logged = summarize(metrics)
+    assert logged["pairs"] == 2
+    assert logged["reward_chosen"] == pytest.approx(np.mean(chosen), rel=1e-4, abs=1e-6)
+    assert logged["reward_rejected"] == pytest.approx(np.mean(rejected), rel=1e-4, abs=1e-6)
+    assert logged["reward_margin"] == pytest.approx(np.mean(chosen) - np.mean(rejected), rel=1e-4, abs=1e-6)
+    assert logged["reward_accuracy"] == np.mean([c > r for c, r in zip(chosen, rejected)])
     loss.backward()
     assert all(p.grad is None for p in reference.parameters())
     assert sum(p.grad.abs().sum().item() for p in policy.parameters() if p.grad is not None) > 0
 
 
+@pytest.mark.kernels
 def test_every_parameter_gets_the_reference_gradient(tiny):
     """The router included: the kernels backend trains what the pure-PyTorch reference trains."""
     path, _, _ = tiny
@@ -166,7 +184,7 @@ def test_every_parameter_gets_the_reference_gradient(tiny):
     grads = {}
     for backend in ("kernels", "reference"):
         model = llada_engine.load_model(path, backend=backend).train()
-        loss, _ = diffusion_loss(model, batch, Phase("bdlm", 1, 4, 1e-3), identity)
+        loss, _ = objective_loss(model, batch, Phase("bdlm", 1, 4, 1e-3), identity)
         loss.backward()
         grads[backend] = {n: p.grad for n, p in model.named_parameters()}
     for name, ref in grads["reference"].items():

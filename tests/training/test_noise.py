@@ -51,3 +51,21 @@ def test_bernoulli_rate_is_t():
     noisy, = mask_row(row, torch.Generator().manual_seed(0), mask_id=MASK, t_min=0.3, t_max=0.3)
     assert noisy.masked.float().mean().item() == pytest.approx(0.3, abs=0.01)
     assert torch.all(noisy.t == 0.3)
+
+
+def test_band_ratio_is_drawn_inside_the_band_not_piled_on_its_edges():
+    row = Row(np.arange(101) % 90, [101], [1], [PLAIN])                        # 100 trainable tokens
+    ratios = []
+    for seed in range(400):
+        noisy, = mask_row(row, torch.Generator().manual_seed(seed), mask_id=MASK, t_min=0.0, t_max=1.0,
+                          band=(0.1, 0.9))
+        ratios.append(noisy.masked.sum().item() / 100)
+    ratios = np.array(ratios)
+    assert ratios.min() >= 0.1 and ratios.max() <= 0.9
+    assert np.mean((ratios == 0.1) | (ratios == 0.9)) < 0.02                    # clipping put 20 % there
+    assert np.histogram(ratios, bins=4, range=(0.1, 0.9))[0].min() > 70        # about uniform: 100 a bin
+
+
+def test_band_outside_the_ratio_range_is_an_error():
+    with pytest.raises(ValueError, match=r"mask_band \(0\.6, 0\.9\) does not meet"):
+        mask_row(sft_row(), torch.Generator(), mask_id=MASK, t_min=0.0, t_max=0.5, band=(0.6, 0.9))

@@ -12,15 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import llada_engine
 from llada_engine.cli import main as cli_main
 from llada_engine.training import load_config, train
+from llada_engine.training.config import config_from_dict
 from llada_engine.training.checkpoint import list_checkpoints
 from model_testing import tiny_checkpoint
 from training_testing import (SMALL, dpo_corpus, run_config, sft_corpus, small_checkpoint, text_corpus,
                               write_config)
+
+pytestmark = pytest.mark.kernels
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +117,24 @@ def test_merge_top_k_is_the_mean(tmp_path, setup):
     llada_engine.load_model(tmp_path / "merged")
 
 
+def test_merge_top_k_chooses_within_one_phase(tmp_path, setup, capsys):
+    _, ckpt, corpus, valid = setup
+    phases = [{"name": "wide", "objective": "bdlm", "steps": 3, "block_size": 8},
+              {"name": "narrow", "objective": "bdlm", "steps": 2, "block_size": 4}]
+    config = run_config(tmp_path, init=ckpt, train=corpus, valid=valid, phases=phases, run={"save_every": 1})
+    train(load_config(write_config(tmp_path / "c.yaml", config)))
+    run = tmp_path / "run"
+    phase_of = {p: json.loads((p / "trainer_state.json").read_text())["phase"] for p in list_checkpoints(run)}
+    for args, phase in (([], "narrow"), (["--phase", "wide"], "wide")):
+        out = tmp_path / f"merged-{phase}"
+        assert cli_main(["merge", "--run", str(run), "--top-k", "5", "--out", str(out), *args]) == 0
+        merged = [Path(p) for p in json.loads((out / "merged_from.json").read_text())]
+        assert sorted(merged) == sorted(p for p, name in phase_of.items() if name == phase)
+    capsys.readouterr()
+    assert cli_main(["merge", "--run", str(run), "--phase", "other", "--out", str(tmp_path / "x")]) == 1
+    assert "no checkpoint of phase 'other'" in capsys.readouterr().err
+
+
 def test_sft_dpo_and_from_scratch_runs(tmp_path, setup):
     root, ckpt, corpus, _ = setup
     sft = run_config(tmp_path / "sft", init=ckpt, train=sft_corpus(tmp_path / "s.jsonl"),
@@ -124,7 +146,9 @@ def test_sft_dpo_and_from_scratch_runs(tmp_path, setup):
     dpo = run_config(tmp_path / "dpo", init=ckpt, train=dpo_corpus(tmp_path / "d.jsonl"),
                      phases=[{"objective": "dpo", "steps": 3, "block_size": 8, "beta": 0.1}])
     train(load_config(write_config(tmp_path / "dpo.yaml", dpo)))
-    assert all(r["objective"] == "dpo" for r in metrics(tmp_path / "dpo" / "run"))
+    for r in metrics(tmp_path / "dpo" / "run"):
+        assert r["objective"] == "dpo" and 0.0 <= r["reward_accuracy"] <= 1.0 and r["pairs"] >= 4
+        assert r["reward_margin"] == pytest.approx(r["reward_chosen"] - r["reward_rejected"])
     scratch = run_config(tmp_path / "scratch", init=ckpt, train=corpus, phases=[{"objective": "ar", "steps": 2}])
     scratch["model"] = {"config": str(ckpt / "config.json"), "tokenizer": str(ckpt), "init_seed": 1}
     last = train(load_config(write_config(tmp_path / "scratch.yaml", scratch)))
@@ -132,6 +156,30 @@ def test_sft_dpo_and_from_scratch_runs(tmp_path, setup):
     follow = run_config(tmp_path / "follow", init=tmp_path / "scratch" / "run", train=corpus,
                         phases=[{"objective": "mdlm", "steps": 1}])
     train(load_config(write_config(tmp_path / "follow.yaml", follow)))
+
+
+def test_shipped_dpo_example_logs_its_rewards(tmp_path):
+    """configs/tiny/dpo.yaml on its preference files, from a small random model with the shipped tokenizer:
+    every pair fits a row, the first step is the reference itself (loss log 2, margin 0), rewards are logged."""
+    repo = Path(__file__).resolve().parents[2]
+    raw = yaml.safe_load((repo / "configs" / "tiny" / "dpo.yaml").read_text())
+    model = json.loads((repo / "configs" / "tiny" / "model.json").read_text())
+    model.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, head_dim=16, moe_intermediate_size=32,
+                 num_experts=8)
+    raw["model"] = {"config": model, "tokenizer": str(repo / "data" / "tokenizer.json")}
+    for key in ("train", "valid"):
+        raw["data"][key] = str(repo / raw["data"][key])
+    raw["data"].update(batch_rows=2, valid_rows=2)
+    raw["optim"].update(lr=3e-3, warmup_steps=0, decay_steps=0)
+    raw["run"].update(out_dir=str(tmp_path / "run"), eval_every=0, save_every=0)
+    raw["phases"][0].update(steps=3)
+    train(config_from_dict(raw))
+    records = metrics(tmp_path / "run")
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 3 and all({"reward_accuracy", "reward_chosen", "reward_rejected", "reward_margin"} <= set(r)
+                                   for r in steps)
+    assert steps[0]["reward_margin"] == 0.0 and steps[0]["loss"] == pytest.approx(0.6931, abs=1e-3)
+    assert steps[1]["reward_margin"] != 0.0 and "valid_loss" in records[-1]
 
 
 def test_mismatched_data_and_resume_without_checkpoint(tmp_path, setup):

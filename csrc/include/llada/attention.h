@@ -1,4 +1,4 @@
-// Varlen document-masked block attention (DESIGN.md §3.1): the torch-free interface of the
+// Varlen document-masked block attention (docs/ARCHITECTURE.md, Block attention): the torch-free interface of the
 // `block_attention` op family.
 //
 // Packed layout without padding: sequence s owns query rows cu_seqlens_q[s]..cu_seqlens_q[s+1] and key
@@ -60,19 +60,27 @@ struct BlockAttentionBwdParams {
   void* dv = nullptr;              // [Tk, Hkv, D]
 };
 
-// Decoding with a contiguous per-sequence cache: the Lb queries of sequence b see the first
-// cache_seqlens[b] rows of its cache and all Lb new keys, without a mask inside the block.
+// Decoding: the Lb queries of sequence b see the first cache_seqlens[b] rows of its cache and all Lb new
+// keys, without a mask inside the block. The cache is contiguous per sequence, or paged: with block_table
+// set, k_cache / v_cache are pools of pages [num_pages, page_size, Hkv, D] and cached row r of sequence b is
+// row r % page_size of page block_table[b * max_pages + r / page_size] (entries past a sequence's last page
+// are never read). The CPU kernel takes validated indices; the CUDA kernel clamps lengths to
+// [0, cache_capacity] and page ids to [0, num_pages) so that unvalidated device values never read outside
+// the cache.
 struct BlockAttentionDecodeParams {
   const void* q = nullptr;        // [B, Lb, Hq, D] contiguous
-  const void* k_cache = nullptr;  // [B, Smax, Hkv, D] contiguous
-  const void* v_cache = nullptr;  // [B, Smax, Hkv, D] contiguous
-  const int32_t* cache_seqlens = nullptr;  // [B], each in [0, Smax] (host memory for the CPU kernel, device for CUDA)
+  const void* k_cache = nullptr;  // [B, Smax, Hkv, D] contiguous, or [num_pages, page_size, Hkv, D] when paged
+  const void* v_cache = nullptr;  // as k_cache
+  const int32_t* cache_seqlens = nullptr;  // [B], each in [0, cache_capacity] (host memory for the CPU kernel, device for CUDA)
   const void* k_new = nullptr;    // [B, Lb, Hkv, D] contiguous
   const void* v_new = nullptr;    // [B, Lb, Hkv, D] contiguous
   DType dtype = DType::kFloat32;
-  int64_t batch = 0, block = 0, cache_capacity = 0;  // B, Lb, Smax
+  int64_t batch = 0, block = 0, cache_capacity = 0;  // B, Lb, the most cache rows of a sequence (Smax, or max_pages * page_size)
+  int64_t max_cache_seqlen = 0;   // a bound of cache_seqlens known on the host (<= cache_capacity): sizes split-KV
   int64_t heads_q = 0, heads_kv = 0, head_dim = 0;
   float softmax_scale = 1.0f;
+  const int32_t* block_table = nullptr;  // [B, max_pages] contiguous, or nullptr: the contiguous cache (same memory as cache_seqlens)
+  int64_t max_pages = 0, page_size = 0, num_pages = 0;
 
   void* out = nullptr;   // [B, Lb, Hq, D] contiguous, of dtype
   float* lse = nullptr;  // [B, Lb, Hq]
@@ -101,9 +109,10 @@ Status block_attention_fwd_cuda(const BlockAttentionParams& p, cudaStream_t stre
 Status block_attention_bwd_cuda(const BlockAttentionBwdParams& p, void* workspace, cudaStream_t stream,
                                 AttentionKernel kernel = AttentionKernel::kAuto);
 int64_t block_attention_bwd_cuda_workspace_bytes(const BlockAttentionBwdParams& p);
-// The decode form on the forward kernel, reading the cache in place; cache_seqlens is a device pointer here.
-// `workspace` is device memory of block_attention_decode_cuda_workspace_bytes(p) bytes (the partial results
-// of split-KV, chosen from the current device's size; 0 bytes and nullptr where no split pays).
+// The decode form on the forward kernel, reading the cache in place; cache_seqlens and block_table are device
+// pointers here. `workspace` is device memory of block_attention_decode_cuda_workspace_bytes(p) bytes (the
+// partial results of split-KV, runs of a fixed number of keys: attention/key_split.h; 0 bytes and nullptr
+// where max_cache_seqlen + Lb keys fit in one run).
 Status block_attention_decode_cuda(const BlockAttentionDecodeParams& p, void* workspace, cudaStream_t stream);
 int64_t block_attention_decode_cuda_workspace_bytes(const BlockAttentionDecodeParams& p);
 #endif

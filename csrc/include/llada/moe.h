@@ -1,4 +1,4 @@
-// Mixture of experts (DESIGN.md §3.2): the torch-free interface of the `moe_*` op family.
+// Mixture of experts (docs/ARCHITECTURE.md, Mixture of experts): the torch-free interface of the `moe_*` op family.
 //
 //   route      router logits -> top-k experts and their weights per token (the LLaDA2 gate)
 //   permute    token rows copied into expert order, with per-expert offsets and the inverse index
