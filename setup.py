@@ -11,6 +11,11 @@ toolkit is found; the build never asks a GPU anything. Environment:
     LLADA_CMAKE_BUILD_DIR     the CMake build folder of llada_core (default build/core-cpu or build/core-cuda);
                               an existing one with the same settings is reused without recompiling
     CUDA_HOME                 the CUDA toolkit (default /usr/local/cuda when it holds nvcc)
+    LLADA_SANITIZE            sanitizers for the C++ code, e.g. "address" (CPU kernels only; build folder
+                              build/core-cpu-address). Python is not built with them: run it with the
+                              runtime and libstdc++ preloaded, LD_PRELOAD="$(gcc -print-file-name=libasan.so)
+                              $(gcc -print-file-name=libstdc++.so.6)" ASAN_OPTIONS=detect_leaks=0 (see
+                              .ci/run, stage asan)
 """
 import importlib.util
 import os
@@ -28,14 +33,18 @@ from torch.utils import cpp_extension  # noqa: E402
 
 ROOT = Path(__file__).parent.resolve()
 VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "llada_engine" / "version.py").read_text()).group(1)
+SANITIZE = os.environ.get("LLADA_SANITIZE", "")
 WITH_CUDA = (
-    os.environ.get("LLADA_SKIP_CUDA_BUILD", "0") != "1"
+    not SANITIZE
+    and os.environ.get("LLADA_SKIP_CUDA_BUILD", "0") != "1"
     and torch.version.cuda is not None
     and cpp_extension.CUDA_HOME is not None
 )
 CUDA_ARCHS = os.environ.get("LLADA_CUDA_ARCHS", "90a;80")
 JOBS = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
-BUILD_DIR = Path(os.environ.get("LLADA_CMAKE_BUILD_DIR") or ROOT / "build" / ("core-cuda" if WITH_CUDA else "core-cpu"))
+BUILD_DIR = Path(os.environ.get("LLADA_CMAKE_BUILD_DIR") or ROOT / "build" / (
+    "core-cuda" if WITH_CUDA else f"core-cpu-{SANITIZE.replace(',', '-')}" if SANITIZE else "core-cpu"))
+SANITIZE_FLAGS = [f"-fsanitize={SANITIZE}", "-fno-omit-frame-pointer", "-g"] if SANITIZE else []
 GENERATED = BUILD_DIR / "generated"
 CORE_LIB = BUILD_DIR / "libllada_core.a"
 
@@ -95,7 +104,7 @@ def build_core() -> None:
     if cmake is None:
         raise RuntimeError("building llada_engine needs CMake >= 3.24 on PATH (apt-get install cmake or pip install cmake)")
     args = [cmake, "-S", str(ROOT), "-B", str(BUILD_DIR), "-DCMAKE_BUILD_TYPE=Release",
-            f"-DLLADA_CUDA={'ON' if WITH_CUDA else 'OFF'}"]
+            f"-DLLADA_CUDA={'ON' if WITH_CUDA else 'OFF'}", f"-DLLADA_SANITIZE={SANITIZE}"]
     if shutil.which("ninja") and not (BUILD_DIR / "CMakeCache.txt").exists():
         args += ["-G", "Ninja"]
     cutlass, cuda = "", ""
@@ -110,6 +119,11 @@ def build_core() -> None:
 
 
 class BuildExtension(cpp_extension.BuildExtension):
+    def finalize_options(self):
+        super().finalize_options()
+        if SANITIZE:  # objects of their own, never mixed with those of the plain build
+            self.build_temp = str(BUILD_DIR / "extension")
+
     def run(self):
         build_core()
         super().run()
@@ -137,8 +151,8 @@ def extension():
         define_macros=[("LLADA_WITH_CUDA", None)] if WITH_CUDA else [],
         extra_objects=[str(CORE_LIB)],
         depends=[str(CORE_LIB)],
-        extra_compile_args={"cxx": ["-O3", "-g0"]},
-        extra_link_args=["-fopenmp", "-g0", *shared_cxx_runtime()],
+        extra_compile_args={"cxx": ["-O3", "-g0"] if not SANITIZE else ["-O1", *SANITIZE_FLAGS]},
+        extra_link_args=["-fopenmp", *(SANITIZE_FLAGS or ["-g0"]), *shared_cxx_runtime()],
     )
 
 

@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "llada/attention.h"
+#include "validation.h"
 
 #ifdef LLADA_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -44,21 +45,15 @@ llada::AttentionMask parse_mask(const std::string& mask) {
 // The last dimension contiguous; rows and heads may be strided (e.g. q, k, v sliced from a fused qkv).
 Tensor unit_last_stride(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
-void check_same_device(const char* op, std::initializer_list<std::pair<const char*, const Tensor*>> tensors) {
-  const auto& first = *tensors.begin();
-  for (const auto& [name, t] : tensors)
-    TORCH_CHECK_VALUE(t->device() == first.second->device(), op, ": ", name, " is on ", t->device(), " but ",
-                      first.first, " is on ", first.second->device());
-}
+using llada::bindings::check_same_device;
 
 // Checks one cu_seqlens: int32 [S + 1], 0 first, non-decreasing, `total` last; returns the longest length.
-// `host` is cu on the CPU.
+// `host` is cu on the CPU. The entry points pass cu_seqlens made contiguous, as the kernels read them.
 int64_t check_cu_seqlens(const Tensor& cu, const Tensor& host, const char* name, int64_t S, int64_t total) {
   TORCH_CHECK_TYPE(cu.scalar_type() == at::kInt, "block_attention: ", name, " must be int32, got ", cu.scalar_type());
   TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) == S + 1, "block_attention: ", name, " must be [S + 1] = [", S + 1,
                     "] like cu_seqlens_q, got shape ", cu.sizes());
-  TORCH_CHECK_VALUE(cu.is_contiguous(), "block_attention: ", name, " must be contiguous");
-  const int32_t* c = host.data_ptr<int32_t>();
+  const llada::bindings::HostValues<int32_t> c(host);
   TORCH_CHECK_VALUE(c[0] == 0, "block_attention: ", name, "[0] must be 0, got ", c[0]);
   int64_t longest = 0;
   for (int64_t s = 0; s < S; ++s) {
@@ -88,7 +83,7 @@ llada::BlockAttentionParams make_params(const Tensor& q, const Tensor& k, const 
   TORCH_CHECK_VALUE(D >= 1 && Hkv >= 1, op, ": k must have at least one head and D >= 1, got shape ", k.sizes());
   TORCH_CHECK_VALUE(Hq % Hkv == 0, op, ": the heads of q (", Hq, ") must be a multiple of the heads of k (", Hkv, ")");
   TORCH_CHECK_VALUE(block_size >= 1, op, ": block_size must be >= 1, got ", block_size);
-  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), op, ": softmax_scale must be finite, got ", softmax_scale);
+  llada::bindings::check_float32_normal(op, "softmax_scale", softmax_scale);
   TORCH_CHECK_VALUE(cu_seqlens_q.dim() == 1 && cu_seqlens_q.size(0) >= 1, op,
                     ": cu_seqlens_q must be [S + 1] with S >= 0, got shape ", cu_seqlens_q.sizes());
   TORCH_CHECK_VALUE(!q.is_cuda() || D == 64 || D == 128, op, ": the head dim of q must be 64 or 128 on CUDA, got ", D);
@@ -100,10 +95,11 @@ llada::BlockAttentionParams make_params(const Tensor& q, const Tensor& k, const 
                     ") is below the longest query sequence (", longest_q, ")");
   TORCH_CHECK_VALUE(max_seqlen_k >= longest_k, op, ": max_seqlen_k (", max_seqlen_k,
                     ") is below the longest key sequence (", longest_k, ")");
+  llada::bindings::check_int32_range(op, "max_seqlen_q", max_seqlen_q);
+  llada::bindings::check_int32_range(op, "max_seqlen_k", max_seqlen_k);
   const llada::AttentionMask kind = parse_mask(mask);
   if (kind == llada::AttentionMask::kBd3) {
-    const int32_t* cq = cu_q_host.data_ptr<int32_t>();
-    const int32_t* ck = cu_k_host.data_ptr<int32_t>();
+    const llada::bindings::HostValues<int32_t> cq(cu_q_host), ck(cu_k_host);
     for (int64_t s = 0; s < S; ++s) {
       const int64_t lq = cq[s + 1] - cq[s], lk = ck[s + 1] - ck[s];
       TORCH_CHECK_VALUE(lq == lk && lq % 2 == 0, op, ": mask \"bd3\" needs [x_t | x_0] sequences of even length "
@@ -170,10 +166,13 @@ std::tuple<Tensor, Tensor> block_attention_fwd(const Tensor& q_in, const Tensor&
                                                int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t block_size,
                                                const std::string& mask, double softmax_scale,
                                                const std::string& kernel) {
+  llada::bindings::check_defined("block_attention", {{"q", &q_in}, {"k", &k_in}, {"v", &v_in},
+                                                     {"cu_seqlens_q", &cu_seqlens_q}, {"cu_seqlens_k", &cu_seqlens_k}});
   const Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  const Tensor cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
   const llada::AttentionKernel which = parse_kernel(kernel, q);
   llada::BlockAttentionParams p =
-      make_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, mask, softmax_scale);
+      make_params(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, block_size, mask, softmax_scale);
   Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   Tensor lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
   p.out = out.data_ptr();
@@ -198,10 +197,14 @@ std::tuple<Tensor, Tensor, Tensor> block_attention_bwd(
     int64_t max_seqlen_q, int64_t max_seqlen_k, int64_t block_size, const std::string& mask, double softmax_scale,
     const std::string& kernel) {
   const char* op = "block_attention_bwd";
+  llada::bindings::check_defined(op, {{"dout", &dout}, {"q", &q_in}, {"k", &k_in}, {"v", &v_in}, {"out", &out},
+                                      {"lse", &lse}, {"cu_seqlens_q", &cu_seqlens_q},
+                                      {"cu_seqlens_k", &cu_seqlens_k}});
   const Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  const Tensor cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
   const llada::AttentionKernel which = parse_kernel(kernel, q);
   llada::BlockAttentionBwdParams p;
-  p.fwd = make_params(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, block_size, mask, softmax_scale);
+  p.fwd = make_params(q, k, v, cu_q, cu_k, max_seqlen_q, max_seqlen_k, block_size, mask, softmax_scale);
   TORCH_CHECK_VALUE(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), op,
                     ": dout and out must have the shape of q ", q.sizes(), ", got ", dout.sizes(), " and ", out.sizes());
   TORCH_CHECK_TYPE(dout.scalar_type() == q.scalar_type() && out.scalar_type() == q.scalar_type(), op,
@@ -252,6 +255,8 @@ std::tuple<Tensor, Tensor, Tensor> block_attention_bwd(
 void check_decode_args(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& cache_seqlens,
                        const Tensor& k_new, const Tensor& v_new, double softmax_scale, bool paged = false) {
   const char* op = "block_attention_decode";
+  llada::bindings::check_defined(op, {{"q", &q}, {"k_cache", &k_cache}, {"v_cache", &v_cache},
+                                      {"cache_seqlens", &cache_seqlens}, {"k_new", &k_new}, {"v_new", &v_new}});
   const char* cache_shape = paged ? "[num_pages, page_size, Hkv, D]" : "[B, Smax, Hkv, D]";
   TORCH_CHECK_VALUE(q.dim() == 4, op, ": q must be [B, Lb, Hq, D], got shape ", q.sizes());
   TORCH_CHECK_VALUE(k_cache.dim() == 4, op, ": k_cache must be ", cache_shape, ", got shape ", k_cache.sizes());
@@ -284,14 +289,14 @@ void check_decode_args(const Tensor& q, const Tensor& k_cache, const Tensor& v_c
     TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), op, ": ", name, " must have the dtype of q (",
                      q.scalar_type(), "), got ", t->scalar_type());
   TORCH_CHECK_VALUE(!q.is_cuda() || D == 64 || D == 128, op, ": the head dim of q must be 64 or 128 on CUDA, got ", D);
-  TORCH_CHECK_VALUE(std::isfinite(softmax_scale), op, ": softmax_scale must be finite, got ", softmax_scale);
+  llada::bindings::check_float32_normal(op, "softmax_scale", softmax_scale);
 }
 
-// cache_seqlens on the host, each checked to lie in [0, Smax].
+// cache_seqlens on the host as the kernel reads them (contiguous), each checked to lie in [0, Smax].
 Tensor checked_cache_seqlens(const Tensor& cache_seqlens, int64_t Smax) {
   const Tensor lens = cache_seqlens.cpu().contiguous();
-  const int32_t* l = lens.data_ptr<int32_t>();
-  for (int64_t b = 0; b < lens.size(0); ++b)
+  const llada::bindings::HostValues<int32_t> l(lens);
+  for (int64_t b = 0; b < l.size(); ++b)
     TORCH_CHECK_VALUE(l[b] >= 0 && l[b] <= Smax, "block_attention_decode: cache_seqlens[", b, "] = ", l[b],
                       " is outside [0, Smax = ", Smax, "]");
   return lens;
@@ -300,6 +305,7 @@ Tensor checked_cache_seqlens(const Tensor& cache_seqlens, int64_t Smax) {
 // The paged form's block table: int32 [B, max_pages] on the CPU or q's device, pages of a multiple of 8 rows.
 void check_block_table(const Tensor& q, const Tensor& k_cache, const Tensor& block_table) {
   const char* op = "block_attention_decode";
+  llada::bindings::check_defined(op, {{"block_table", &block_table}});
   TORCH_CHECK_TYPE(block_table.scalar_type() == at::kInt, op, ": block_table must be int32, got ",
                    block_table.scalar_type());
   TORCH_CHECK_VALUE(block_table.dim() == 2 && block_table.size(0) == q.size(0), op,
@@ -314,27 +320,28 @@ void check_block_table(const Tensor& q, const Tensor& k_cache, const Tensor& blo
                     " pages of ", page_size, " rows, more rows than int32 cache_seqlens can count");
 }
 
-// cache_seqlens of the paged form on the host, each checked to lie in [0, max_pages * page_size].
+// cache_seqlens of the paged form on the host as the kernel reads them (contiguous), each checked to lie in
+// [0, max_pages * page_size].
 Tensor checked_paged_seqlens(const Tensor& cache_seqlens, int64_t max_pages, int64_t page_size) {
   const Tensor lens = cache_seqlens.cpu().contiguous();
-  const int32_t* l = lens.data_ptr<int32_t>();
-  for (int64_t b = 0; b < lens.size(0); ++b)
+  const llada::bindings::HostValues<int32_t> l(lens);
+  for (int64_t b = 0; b < l.size(); ++b)
     TORCH_CHECK_VALUE(l[b] >= 0 && l[b] <= max_pages * page_size, "block_attention_decode: cache_seqlens[", b,
                       "] = ", l[b], " is outside [0, max_pages * page_size = ", max_pages * page_size, "]");
   return lens;
 }
 
-// The pages each sequence reads (block_table[b, :ceil(cache_seqlens[b] / page_size)], on the host) are pages of
-// the pool; the table's other entries may hold anything.
+// The pages each sequence reads (block_table[b, :ceil(cache_seqlens[b] / page_size)], on the host, as the kernel
+// reads them) are pages of the pool; the table's other entries may hold anything.
 void check_block_table_pages(const Tensor& host_table, const Tensor& host_lens, int64_t page_size, int64_t num_pages) {
-  const int32_t* t = host_table.data_ptr<int32_t>();
-  const int32_t* l = host_lens.data_ptr<int32_t>();
-  const int64_t max_pages = host_table.size(1);
-  for (int64_t b = 0; b < host_table.size(0); ++b)
+  const llada::bindings::HostValues<int32_t> l(host_lens);
+  for (int64_t b = 0; b < host_table.size(0); ++b) {
+    const llada::bindings::HostValues<int32_t> pages(host_table[b]);
     for (int64_t i = 0; i * page_size < l[b]; ++i)
-      TORCH_CHECK_VALUE(t[b * max_pages + i] >= 0 && t[b * max_pages + i] < num_pages, "block_attention_decode: block_table[",
-                        b, ", ", i, "] = ", t[b * max_pages + i], " is not a page of k_cache (num_pages = ", num_pages,
-                        "), but sequence ", b, " reads it (cache_seqlens[", b, "] = ", l[b], ")");
+      TORCH_CHECK_VALUE(pages[i] >= 0 && pages[i] < num_pages, "block_attention_decode: block_table[", b, ", ", i,
+                        "] = ", pages[i], " is not a page of k_cache (num_pages = ", num_pages, "), but sequence ", b,
+                        " reads it (cache_seqlens[", b, "] = ", l[b], ")");
+  }
 }
 
 // The index tensors of one decode call as the kernel reads them, and the bound of cache_seqlens known on the host.
@@ -351,9 +358,9 @@ DecodeIndex paged_index(const Tensor& q, const Tensor& k_cache, const Tensor& ca
   DecodeIndex index{cache_seqlens, block_table.contiguous(), capacity};
   if (cache_seqlens.is_cpu()) {
     index.lens = checked_paged_seqlens(cache_seqlens, max_pages, page_size);
-    const int32_t* l = index.lens.data_ptr<int32_t>();
+    const llada::bindings::HostValues<int32_t> l(index.lens);
     index.max_cache_seqlen = 0;
-    for (int64_t b = 0; b < index.lens.size(0); ++b) index.max_cache_seqlen = std::max<int64_t>(index.max_cache_seqlen, l[b]);
+    for (int64_t b = 0; b < l.size(); ++b) index.max_cache_seqlen = std::max<int64_t>(index.max_cache_seqlen, l[b]);
     if (block_table.is_cpu()) check_block_table_pages(index.table, index.lens, page_size, k_cache.size(0));
   }
   return index;
@@ -403,9 +410,9 @@ DecodeIndex host_index(const Tensor& q, const Tensor& k_cache, const Tensor& cac
                        const std::optional<Tensor>& block_table) {
   if (!block_table.has_value()) {
     const Tensor lens = checked_cache_seqlens(cache_seqlens, k_cache.size(1));
-    const int32_t* l = lens.data_ptr<int32_t>();
+    const llada::bindings::HostValues<int32_t> l(lens);
     int64_t longest = 0;
-    for (int64_t b = 0; b < lens.size(0); ++b) longest = std::max<int64_t>(longest, l[b]);
+    for (int64_t b = 0; b < l.size(); ++b) longest = std::max<int64_t>(longest, l[b]);
     return DecodeIndex{lens, Tensor(), longest};
   }
   return paged_index(q, k_cache, cache_seqlens, *block_table);

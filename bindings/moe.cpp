@@ -13,6 +13,7 @@
 #include <tuple>
 
 #include "llada/moe.h"
+#include "validation.h"
 
 #ifdef LLADA_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -62,8 +63,7 @@ void check_int32(const Tensor& t, const char* op, const char* name) {
 }
 
 void check_same_device(const Tensor& a, const Tensor& b, const char* op, const char* name_a, const char* name_b) {
-  TORCH_CHECK_VALUE(a.device() == b.device(), op, ": ", name_a, " and ", name_b, " must be on one device, got ",
-                    a.device(), " and ", b.device());
+  llada::bindings::check_same_device(op, {{name_a, &a}, {name_b, &b}});
 }
 
 void check_status(llada::Status s, const char* op, const char* what) {
@@ -71,14 +71,14 @@ void check_status(llada::Status s, const char* op, const char* what) {
   TORCH_CHECK(s == llada::Status::kOk, op, ": ", llada::status_string(s));
 }
 
-// offsets int32 [E + 1]: 0 at the start, non-decreasing, `m` at the end (values read on the CPU only).
+// offsets int32 [E + 1]: 0 at the start, non-decreasing, `m` at the end (values read on the CPU only,
+// through their stride).
 void check_offsets(const Tensor& offsets, int64_t groups, int64_t m, const char* op) {
   check_int32(offsets, op, "offsets");
   TORCH_CHECK_VALUE(offsets.dim() == 1 && offsets.size(0) == groups + 1, op, ": offsets must be [E + 1] = [",
                     groups + 1, "], got shape ", offsets.sizes());
   if (offsets.is_cuda()) return;
-  const Tensor o = offsets.cpu();
-  const int32_t* v = o.data_ptr<int32_t>();
+  const llada::bindings::HostValues<int32_t> v(offsets);
   TORCH_CHECK_VALUE(v[0] == 0, op, ": offsets must start at 0, got ", v[0]);
   for (int64_t g = 0; g < groups; ++g)
     TORCH_CHECK_VALUE(v[g + 1] >= v[g], op, ": offsets must be non-decreasing, got offsets[", g, "] = ", v[g],
@@ -90,6 +90,7 @@ std::tuple<Tensor, Tensor> moe_route(const Tensor& router_logits, const std::opt
                                      int64_t top_k, int64_t n_group, int64_t topk_group,
                                      double routed_scaling_factor, bool norm_topk_prob) {
   constexpr const char* op = "moe_route";
+  llada::bindings::check_defined(op, {{"router_logits", &router_logits}});
   TORCH_CHECK_VALUE(router_logits.dim() == 2, op, ": router_logits must be [T, E], got shape ", router_logits.sizes());
   const int64_t T = router_logits.size(0), E = router_logits.size(1);
   llada::MoeRouteParams p;
@@ -109,8 +110,7 @@ std::tuple<Tensor, Tensor> moe_route(const Tensor& router_logits, const std::opt
   TORCH_CHECK_VALUE(top_k >= 1 && top_k <= E, op, ": top_k must be in [1, E] = [1, ", E, "], got ", top_k);
   TORCH_CHECK_VALUE(top_k <= topk_group * (E / n_group), op, ": top_k = ", top_k,
                     " exceeds the experts of the kept groups, topk_group * E / n_group = ", topk_group * (E / n_group));
-  TORCH_CHECK_VALUE(std::isfinite(routed_scaling_factor), op, ": routed_scaling_factor must be finite, got ",
-                    routed_scaling_factor);
+  llada::bindings::check_float32_finite(op, "routed_scaling_factor", routed_scaling_factor);
   Tensor logits = router_logits.contiguous();
   Tensor bias;
   if (expert_bias.has_value()) {
@@ -142,21 +142,20 @@ std::tuple<Tensor, Tensor> moe_route(const Tensor& router_logits, const std::opt
 #endif
     return {ids, weights};
   }
-  const llada::Status s = llada::moe_route_cpu(p);
-  TORCH_CHECK_VALUE(s != llada::Status::kNanInput, op, ": router_logits or expert_bias contain NaN");
-  check_status(s, op, "bad routing configuration");
+  check_status(llada::moe_route_cpu(p), op, "bad routing configuration");
   return {ids, weights};
 }
 
 std::tuple<Tensor, Tensor, Tensor> moe_permute(const Tensor& x, const Tensor& topk_ids, int64_t num_experts) {
   constexpr const char* op = "moe_permute";
+  llada::bindings::check_defined(op, {{"x", &x}, {"topk_ids", &topk_ids}});
   TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be [T, H], got shape ", x.sizes());
   TORCH_CHECK_VALUE(topk_ids.dim() == 2 && topk_ids.size(0) == x.size(0), op, ": topk_ids must be [T, k] with T = ",
                     x.size(0), ", got shape ", topk_ids.sizes());
   check_int32(topk_ids, op, "topk_ids");
   check_same_device(x, topk_ids, op, "x", "topk_ids");
   TORCH_CHECK_VALUE(topk_ids.size(1) >= 1, op, ": topk_ids must have k >= 1 columns");
-  TORCH_CHECK_VALUE(num_experts >= 1, op, ": num_experts must be >= 1, got ", num_experts);
+  llada::bindings::check_int32_range(op, "num_experts", num_experts, 1);
   const int64_t T = x.size(0), H = x.size(1), k = topk_ids.size(1);
   TORCH_CHECK_VALUE(T * k <= INT32_MAX, op, ": T * k must fit in int32, got ", T * k);
   llada::MoePermuteParams p;
@@ -183,11 +182,17 @@ std::tuple<Tensor, Tensor, Tensor> moe_permute(const Tensor& x, const Tensor& to
 #endif
     return {x_sorted, offsets, inverse};
   }
-  check_status(llada::moe_permute_cpu(p), op, "topk_ids must lie in [0, num_experts)");
+  const llada::Status s = llada::moe_permute_cpu(p);
+  const int32_t* v = ids.data_ptr<int32_t>();
+  for (int64_t i = 0; s == llada::Status::kBadArgument && i < T * k; ++i)
+    TORCH_CHECK_VALUE(v[i] >= 0 && v[i] < num_experts, op, ": topk_ids must lie in [0, num_experts = ", num_experts,
+                      "), got topk_ids[", i / k, ", ", i % k, "] = ", v[i]);
+  check_status(s, op, "topk_ids must lie in [0, num_experts)");
   return {x_sorted, offsets, inverse};
 }
 
 void check_unpermute_args(const Tensor& y, const Tensor& inverse, const Tensor& topk_weights, const char* op) {
+  llada::bindings::check_defined(op, {{"y", &y}, {"inverse", &inverse}, {"topk_weights", &topk_weights}});
   TORCH_CHECK_VALUE(y.dim() == 2, op, ": y must be [T * k, H], got shape ", y.sizes());
   TORCH_CHECK_VALUE(topk_weights.dim() == 2 && topk_weights.size(1) >= 1, op,
                     ": topk_weights must be [T, k] with k >= 1, got shape ", topk_weights.sizes());
@@ -234,6 +239,7 @@ Tensor moe_unpermute(const Tensor& y, const Tensor& inverse, const Tensor& topk_
 std::tuple<Tensor, Tensor> moe_unpermute_backward(const Tensor& grad_out, const Tensor& y, const Tensor& inverse,
                                                   const Tensor& topk_weights) {
   constexpr const char* op = "moe_unpermute_backward";
+  llada::bindings::check_defined(op, {{"grad_out", &grad_out}});
   check_unpermute_args(y, inverse, topk_weights, op);
   const int64_t T = topk_weights.size(0), k = topk_weights.size(1), H = y.size(1);
   TORCH_CHECK_VALUE(grad_out.dim() == 2 && grad_out.size(0) == T && grad_out.size(1) == H, op,
@@ -309,6 +315,7 @@ bool use_aten(const Tensor& a, bool few_rows) {
 
 Tensor moe_grouped_gemm(const Tensor& a, const Tensor& b, const Tensor& offsets, bool batch_invariant) {
   constexpr const char* op = "moe_grouped_gemm";
+  llada::bindings::check_defined(op, {{"a", &a}, {"b", &b}, {"offsets", &offsets}});
   TORCH_CHECK_VALUE(a.dim() == 2, op, ": a must be [M, K], got shape ", a.sizes());
   TORCH_CHECK_VALUE(b.dim() == 3, op, ": b must be [E, N, K], got shape ", b.sizes());
   TORCH_CHECK_VALUE(b.size(2) == a.size(1), op, ": b must be [E, N, K] with K = ", a.size(1),
@@ -360,6 +367,7 @@ Tensor moe_grouped_gemm(const Tensor& a, const Tensor& b, const Tensor& offsets,
 
 Tensor moe_grouped_gemm_wgrad(const Tensor& grad_out, const Tensor& a, const Tensor& offsets) {
   constexpr const char* op = "moe_grouped_gemm_wgrad";
+  llada::bindings::check_defined(op, {{"grad_out", &grad_out}, {"a", &a}, {"offsets", &offsets}});
   TORCH_CHECK_VALUE(grad_out.dim() == 2, op, ": grad_out must be [M, N], got shape ", grad_out.sizes());
   TORCH_CHECK_VALUE(a.dim() == 2 && a.size(0) == grad_out.size(0), op, ": a must be [M, K] with M = ",
                     grad_out.size(0), ", got shape ", a.sizes());

@@ -5,9 +5,11 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <string>
 #include <tuple>
 
 #include "llada/sampling.h"
+#include "validation.h"
 
 #ifdef LLADA_WITH_CUDA
 #include <c10/cuda/CUDAGuard.h>
@@ -29,9 +31,29 @@ llada::DType logits_dtype(const Tensor& logits) {
   }
 }
 
+std::string temperature_too_small(double temperature) {
+  return c10::str("commit_tokens: temperature = ", temperature, " is too small for these logits: logits / temperature ",
+                  "overflows float32 (temperature 0 decodes greedily)");
+}
+
+// The error of a row the kernel could propose nothing from (kNanInput): NaN logits, a row whose maximum is
+// not finite, or else a temperature so small that logits / temperature overflows float32.
+[[noreturn]] void raise_non_finite(const Tensor& logits, double temperature) {
+  TORCH_CHECK_VALUE(!at::isnan(logits).any().item<bool>(), "commit_tokens: logits contain NaN");
+  const Tensor bad = at::isfinite(at::amax(logits, -1)).logical_not();
+  if (bad.any().item<bool>()) {
+    const Tensor where = bad.nonzero()[0].cpu();
+    TORCH_CHECK_VALUE(false, "commit_tokens: logits[", where[0].item<int64_t>(), ", ", where[1].item<int64_t>(),
+                      "] has no finite maximum (a +inf logit, or every logit -inf)");
+  }
+  TORCH_CHECK_VALUE(false, temperature_too_small(temperature));
+}
+
 llada::CommitTokensParams make_params(const Tensor& tokens, const Tensor& logits, const Tensor& min_commit,
                                       int64_t mask_id, double threshold, double temperature, int64_t top_k,
                                       double top_p, int64_t seed, int64_t offset) {
+  llada::bindings::check_defined("commit_tokens",
+                                 {{"tokens", &tokens}, {"logits", &logits}, {"min_commit", &min_commit}});
   TORCH_CHECK_TYPE(tokens.scalar_type() == at::kLong, "commit_tokens: tokens must be int64, got ",
                    tokens.scalar_type());
   TORCH_CHECK_TYPE(min_commit.scalar_type() == at::kInt, "commit_tokens: min_commit must be int32, got ",
@@ -44,9 +66,8 @@ llada::CommitTokensParams make_params(const Tensor& tokens, const Tensor& logits
   TORCH_CHECK_VALUE(V >= 1, "commit_tokens: logits must have a vocabulary of at least 1, got V = ", V);
   TORCH_CHECK_VALUE(min_commit.dim() == 1 && min_commit.size(0) == B,
                     "commit_tokens: min_commit must be [B] = [", B, "], got shape ", min_commit.sizes());
-  TORCH_CHECK_VALUE(tokens.device() == logits.device() && min_commit.device() == logits.device(),
-                    "commit_tokens: tokens, logits and min_commit must be on one device, got ", tokens.device(),
-                    ", ", logits.device(), ", ", min_commit.device());
+  llada::bindings::check_same_device("commit_tokens",
+                                     {{"tokens", &tokens}, {"logits", &logits}, {"min_commit", &min_commit}});
   TORCH_CHECK_VALUE(tokens.is_contiguous(), "commit_tokens: tokens must be contiguous");
   TORCH_CHECK_VALUE(logits.is_contiguous(), "commit_tokens: logits must be contiguous");
   TORCH_CHECK_VALUE(min_commit.is_contiguous(), "commit_tokens: min_commit must be contiguous");
@@ -54,8 +75,9 @@ llada::CommitTokensParams make_params(const Tensor& tokens, const Tensor& logits
                     "), got ", mask_id);
   TORCH_CHECK_VALUE(threshold >= 0.0 && threshold <= 1.0, "commit_tokens: threshold must be in [0, 1], got ",
                     threshold);
-  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature >= 0.0,
-                    "commit_tokens: temperature must be finite and >= 0, got ", temperature);
+  TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(temperature)) && temperature >= 0.0,
+                    "commit_tokens: temperature must be finite and >= 0 (in float32), got ", temperature);
+  TORCH_CHECK_VALUE(temperature == 0.0 || static_cast<float>(temperature) > 0.0f, temperature_too_small(temperature));
   TORCH_CHECK_VALUE(top_k >= 0, "commit_tokens: top_k must be >= 0, got ", top_k);
   TORCH_CHECK_VALUE(top_p > 0.0 && top_p <= 1.0, "commit_tokens: top_p must be in (0, 1], got ", top_p);
 
@@ -96,8 +118,7 @@ std::tuple<Tensor, Tensor, Tensor> commit_tokens_inplace(Tensor tokens, const Te
       TORCH_CHECK_VALUE(min_value >= 0, "commit_tokens: min_commit must be >= 0, got ", min_value);
     }
     const llada::Status s = llada::commit_tokens_cpu(p);
-    TORCH_CHECK_VALUE(s != llada::Status::kNanInput,
-                      "commit_tokens: logits contain NaN (or a row with no finite maximum)");
+    if (s == llada::Status::kNanInput) raise_non_finite(logits, temperature);
     TORCH_CHECK(s == llada::Status::kOk, "commit_tokens: ", llada::status_string(s));
   } else {
 #ifdef LLADA_WITH_CUDA
@@ -120,6 +141,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> commit_tokens(const Tensor& tokens, c
                                                          const Tensor& min_commit, int64_t mask_id,
                                                          double threshold, double temperature, int64_t top_k,
                                                          double top_p, int64_t seed, int64_t offset) {
+  llada::bindings::check_defined("commit_tokens", {{"tokens", &tokens}});
   TORCH_CHECK_TYPE(tokens.scalar_type() == at::kLong, "commit_tokens: tokens must be int64, got ",
                    tokens.scalar_type());
   Tensor out = tokens.contiguous().clone();
@@ -135,8 +157,10 @@ struct PerSequenceTensors {
   Tensor threshold, temperature, top_k, top_p, seed, offset;
 };
 
-// One per-sequence parameter: `dtype` [B], contiguous, on the tokens' device or the CPU.
+// One per-sequence parameter: `dtype` [B], on the tokens' device or the CPU (made contiguous where the kernel
+// reads it).
 void check_per_seq(const Tensor& t, const char* name, at::ScalarType dtype, const Tensor& tokens) {
+  TORCH_CHECK_TYPE(t.defined(), "commit_tokens: ", name, " must be a tensor, got None");
   TORCH_CHECK_TYPE(t.scalar_type() == dtype, "commit_tokens: ", name, " must be ", dtype, " [B], got ",
                    t.scalar_type());
   TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == tokens.size(0), "commit_tokens: ", name, " must be [B] = [",
@@ -145,13 +169,13 @@ void check_per_seq(const Tensor& t, const char* name, at::ScalarType dtype, cons
                     " but tokens are on ", tokens.device(), " (it may also be on the CPU)");
 }
 
-// The values of a per-sequence parameter on the host, each checked by `ok`; `range` names the valid set.
+// The values of a per-sequence parameter on the host (read through its stride), each checked by `ok`; `range`
+// names the valid set.
 template <class T, class Ok>
 void check_host_values(const Tensor& t, const char* name, const char* range, Ok&& ok) {
   if (!t.is_cpu()) return;  // on the device: trusted (see commit_tokens_per_seq)
-  const Tensor c = t.contiguous();
-  const T* v = c.data_ptr<T>();
-  for (int64_t b = 0; b < c.numel(); ++b)
+  const llada::bindings::HostValues<T> v(t);
+  for (int64_t b = 0; b < v.size(); ++b)
     TORCH_CHECK_VALUE(ok(v[b]), "commit_tokens: ", name, "[", b, "] = ", v[b], " is outside ", range);
 }
 
@@ -183,6 +207,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> commit_tokens_per_seq_inplace(
     Tensor tokens, const Tensor& logits, const Tensor& min_commit, const Tensor& threshold,
     const Tensor& temperature, const Tensor& top_k, const Tensor& top_p, const Tensor& seed, const Tensor& offset,
     int64_t mask_id, bool own_streams) {
+  llada::bindings::check_defined("commit_tokens", {{"tokens", &tokens}, {"logits", &logits},
+                                                   {"min_commit", &min_commit}});
   // The scalars are placeholders (valid values): every kernel reads the per-sequence pointers instead.
   llada::CommitTokensParams p = make_params(tokens, logits, min_commit, mask_id, 0.0, 0.0, 0, 1.0, 0, 0);
   const PerSequenceTensors per = checked_per_seq(tokens, threshold, temperature, top_k, top_p, seed, offset);
@@ -230,6 +256,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> commit_tokens_per_seq(
     const Tensor& tokens, const Tensor& logits, const Tensor& min_commit, const Tensor& threshold,
     const Tensor& temperature, const Tensor& top_k, const Tensor& top_p, const Tensor& seed, const Tensor& offset,
     int64_t mask_id, bool own_streams) {
+  llada::bindings::check_defined("commit_tokens", {{"tokens", &tokens}});
   TORCH_CHECK_TYPE(tokens.scalar_type() == at::kLong, "commit_tokens: tokens must be int64, got ",
                    tokens.scalar_type());
   Tensor out = tokens.contiguous().clone();

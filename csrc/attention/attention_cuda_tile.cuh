@@ -11,6 +11,7 @@
 #include <limits>
 
 #include "attention/doc_view.h"
+#include "attention/softmax_rule.h"
 
 namespace llada {
 namespace attention_cuda {
@@ -34,10 +35,11 @@ struct MmaAtomFor<cutlass::half_t> {
   using type = cute::SM80_16x8x16_F32F16F16F32_TN;
 };
 
-// Reductions over the 4 lanes that hold a row of an MMA accumulator (lanes 4i .. 4i + 3), SM80 and SM90 alike.
+// Reductions over the 4 lanes that hold a row of an MMA accumulator (lanes 4i .. 4i + 3), SM80 and SM90 alike;
+// the max is NaN when a lane's is (attention/softmax_rule.h).
 __device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+  x = max_nan(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return max_nan(x, __shfl_xor_sync(0xffffffffu, x, 2));
 }
 __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);

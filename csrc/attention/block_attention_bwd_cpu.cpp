@@ -57,17 +57,20 @@ struct Views {
   }
 };
 
-// s := dS = P (dP - delta_i) with P = exp(s - lse_i) on the kept entries and 0 elsewhere (s = -inf),
-// for nr query rows of ld keys.
+// s := dS = P (dP - delta_i) with P = exp(s - lse_i) on the kept entries and exactly 0 elsewhere (s = -inf,
+// whatever dP and delta_i: a NaN there must not reach the keys the row does not see), for nr query rows of
+// ld keys.
 LLADA_CPU_INLINE void softmax_grad_rows(float* s, const float* dp, int64_t nr, int64_t ld, const float* lse,
                                         const float* delta) {
   for (int64_t i = 0; i < nr; ++i) {
     float* si = s + i * ld;
     const float* dpi = dp + i * ld;
     const float di = delta[i];
-    cpu::exp_row(si, ld, lse[i]);
 #pragma omp simd
-    for (int64_t j = 0; j < ld; ++j) si[j] = si[j] * (dpi[j] - di);
+    for (int64_t j = 0; j < ld; ++j) {
+      const float e = exp_nonpositive(si[j] - lse[i]);
+      si[j] = si[j] == kNegInf ? 0.0f : e * (dpi[j] - di);
+    }
   }
 }
 
@@ -178,9 +181,9 @@ LLADA_CPU_MULTIVERSION void dkv_task(const BlockAttentionBwdParams& p, const cpu
 #pragma omp simd
           for (int64_t i = 0; i < nq; ++i) {
             const float e = exp_nonpositive(sj[i] - w.lse[i]);
-            const float pr = sj[i] == kNegInf ? 0.0f : e;
-            sj[i] = pr;
-            dj[i] = pr * (dj[i] - w.delta[i]);
+            const bool kept = sj[i] != kNegInf;
+            sj[i] = kept ? e : 0.0f;
+            dj[i] = kept ? e * (dj[i] - w.delta[i]) : 0.0f;
           }
           for (int64_t i = nq; i < BQ; ++i) sj[i] = dj[i] = 0.0f;
         }

@@ -207,7 +207,7 @@ __global__ void __launch_bounds__(kThreads) block_attention_bwd_kernel(const Blo
       const bool keep = lse[r] != kNegInf && j < nk && (kind == TileKind::kFull || mask_keep(dm, q0 + r, k0 + j));
       const float pr = keep ? exp2f(tSrS(i) * scale_log2 - lse[r]) : 0.0f;
       sm.p[r * kBK + j] = T(pr);
-      sm.ds[r * kBK + j] = T(pr * (tSrdP(i) - dlt[r]));
+      sm.ds[r * kBK + j] = T(keep ? pr * (tSrdP(i) - dlt[r]) : 0.0f);  // 0, never 0 * NaN, where masked
     }
     __syncthreads();
 

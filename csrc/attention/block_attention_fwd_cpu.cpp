@@ -15,6 +15,7 @@
 #include "attention/block_mask.h"
 #include "attention/cpu_tile.h"
 #include "attention/kv_tiles.h"
+#include "attention/softmax_rule.h"
 #include "llada/attention.h"
 
 namespace llada {
@@ -62,7 +63,7 @@ struct OnlineTile {
       float* si = s + i * BK;
       if (mask) cpu::mask_row(si, *mask, w.qc.block[i], w.qc.clean[i], w.kc, nk);
       for (int64_t j = nk; j < BK; ++j) si[j] = kNegInf;
-      const float m_new = std::max(w.m[i], cpu::max_row(si, nk));
+      const float m_new = max_nan(w.m[i], cpu::max_row(si, nk));
       if (m_new == kNegInf) {  // nothing visible yet in this row
         std::fill(si, si + BK, 0.0f);
         continue;
@@ -80,16 +81,16 @@ struct OnlineTile {
     cpu::gemm<true>(nq, D, nk, s, BK, v, D, w.o.data(), D);  // O += P V
   }
 
-  // out rows [nq, D] of `dtype` at out_row_stride; lse at lse_stride. Rows that saw no key get 0, -inf.
+  // out rows [nq, D] of `dtype` at out_row_stride; lse at lse_stride, by attention/softmax_rule.h (rows that
+  // saw no key get 0, -inf).
   LLADA_CPU_INLINE void finish(char* out, int64_t out_row_stride, DType dtype, float* lse, int64_t lse_stride) {
     for (int64_t i = 0; i < nq; ++i) {
       float* oi = w.o.data() + i * D;
-      const float l = w.l[i];
-      const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+      const float inv = row_out_scale(w.m[i], w.l[i]);
 #pragma omp simd
-      for (int64_t d = 0; d < D; ++d) oi[d] *= inv;
+      for (int64_t d = 0; d < D; ++d) oi[d] = row_out(oi[d], inv);
       cpu::store_row(out + static_cast<size_t>(i * out_row_stride) * cpu::dtype_bytes(dtype), oi, dtype, D);
-      lse[i * lse_stride] = l > 0.0f ? w.m[i] + std::log(l) : kNegInf;
+      lse[i * lse_stride] = row_lse(w.m[i], std::log(w.l[i]));
     }
   }
 };
@@ -211,6 +212,7 @@ Status block_attention_fwd_cpu(const BlockAttentionParams& p) {
 Status block_attention_decode_cpu(const BlockAttentionDecodeParams& p) {
   if (p.dtype == DType::kFloat16 || p.heads_kv < 1 || p.heads_q % p.heads_kv != 0) return Status::kBadArgument;
   if (p.block_table != nullptr && p.page_size < 1) return Status::kBadArgument;
+  if (p.batch == 0 || p.block == 0 || p.heads_q == 0) return Status::kOk;  // empty out and lse
   const int64_t q_tiles = (p.block + BQ - 1) / BQ;
   const int64_t tasks = p.batch * q_tiles * p.heads_kv;
 #pragma omp parallel if (tasks > 1)

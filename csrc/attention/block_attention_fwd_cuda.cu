@@ -25,6 +25,7 @@
 #include "attention/block_attention_sm90.h"
 #include "attention/block_mask.h"
 #include "attention/key_split.h"
+#include "attention/softmax_rule.h"
 #include "common/cuda_check.h"
 #include "llada/attention.h"
 
@@ -157,13 +158,13 @@ __global__ void __launch_bounds__(kThreads) block_attention_fwd_kernel(const Fwd
       const int r = get<0>(tScS(i)), j = get<1>(tScS(i));
       const bool keep = r < nq && j < nk && (kind == TileKind::kFull || mask_keep(dm, q0 + r, k0 + j));
       tSrS(i) = keep ? tSrS(i) * scale_log2 : kNegInf;
-      if (half(r)) mx[1] = fmaxf(mx[1], tSrS(i));
-      else mx[0] = fmaxf(mx[0], tSrS(i));
+      if (half(r)) mx[1] = max_nan(mx[1], tSrS(i));
+      else mx[0] = max_nan(mx[0], tSrS(i));
     }
     float m_new[2], alpha[2], sum[2] = {0.0f, 0.0f};
     CUTE_UNROLL
     for (int hh = 0; hh < 2; ++hh) {
-      m_new[hh] = fmaxf(m_run[hh], quad_max(mx[hh]));
+      m_new[hh] = max_nan(m_run[hh], quad_max(mx[hh]));
       alpha[hh] = m_run[hh] == kNegInf ? 0.0f : exp2f(m_run[hh] - m_new[hh]);
     }
     CUTE_UNROLL
@@ -202,17 +203,16 @@ __global__ void __launch_bounds__(kThreads) block_attention_fwd_kernel(const Fwd
     CUTE_UNROLL
     for (int hh = 0; hh < 2; ++hh) {
       const int r = (threadIdx.x / 32) * 16 + lane / 4 + hh * 8;
-      if (r < nq)
-        lse[(cq + q0 + r) * p.heads_q + h] = l_run[hh] > 0.0f ? (m_run[hh] + log2f(l_run[hh])) * kLn2 : kNegInf;
+      if (r < nq) lse[(cq + q0 + r) * p.heads_q + h] = row_lse(m_run[hh], log2f(l_run[hh])) * kLn2;
     }
   }
+  const float scale[2] = {row_out_scale(m_run[0], l_run[0]), row_out_scale(m_run[1], l_run[1])};
   const int64_t first = ((cq + q0) * p.heads_q + h) * D;
   CUTE_UNROLL
   for (int i = 0; i < size(tOrO); ++i) {
     const int r = get<0>(tOcO(i)), d = get<1>(tOcO(i));
-    const float l = half(r) ? l_run[1] : l_run[0];
     if (r >= nq) continue;
-    const float o = l > 0.0f ? tOrO(i) / l : 0.0f;
+    const float o = row_out(tOrO(i), scale[half(r)]);
     const int64_t at = first + static_cast<int64_t>(r) * p.heads_q * D + d;
     if (p.splits > 1) p.part_out[part * p.heads_q * D + at] = o;
     else static_cast<T*>(p.out)[at] = T(o);
@@ -320,6 +320,7 @@ int64_t block_attention_decode_cuda_workspace_bytes(const BlockAttentionDecodePa
 
 Status block_attention_decode_cuda(const BlockAttentionDecodeParams& p, void* workspace, cudaStream_t stream) {
   if (p.heads_kv < 1 || p.heads_q % p.heads_kv != 0) return Status::kBadArgument;
+  if (p.batch == 0 || p.block == 0 || p.heads_q == 0) return Status::kOk;  // empty out and lse
   FwdArgs args{p.q, p.heads_q * p.head_dim, p.head_dim, p.heads_q, p.heads_kv, p.softmax_scale, p.out, p.lse};
   args.splits = decode_splits(p);
   if (args.splits > 65535) return Status::kBadArgument;

@@ -29,6 +29,7 @@
 #include "attention/attention_sm90_kernel.cuh"
 #include "attention/block_attention_sm90.h"
 #include "attention/block_mask.h"
+#include "attention/softmax_rule.h"
 #include "common/cuda_check.h"
 
 namespace llada {
@@ -236,8 +237,8 @@ __global__ void __launch_bounds__(Config<T, D>::kThreads, 1)
       for (int hh = 0; hh < 2; ++hh) {
         float mx = kNegInf;
         CUTE_UNROLL
-        for (int c = 0; c < size<1>(S); ++c) mx = fmaxf(mx, S(hh, c));
-        const float m_new = fmaxf(m_run[hh], quad_max(mx));
+        for (int c = 0; c < size<1>(S); ++c) mx = max_nan(mx, S(hh, c));
+        const float m_new = max_nan(m_run[hh], quad_max(mx));
         alpha[hh] = m_run[hh] == kNegInf ? 0.0f : exp2f(m_run[hh] - m_new);
         float sum = 0.0f;
         CUTE_UNROLL
@@ -271,14 +272,14 @@ __global__ void __launch_bounds__(Config<T, D>::kThreads, 1)
   for (int hh = 0; hh < 2; ++hh) {
     if (row[hh] >= nq) continue;
     const int64_t t = cq + q0 + row[hh];
-    const float inv_l = l_run[hh] > 0.0f ? 1.0f / l_run[hh] : 0.0f;
-    if (ct % 4 == 0) p.lse[t * hq + h] = l_run[hh] > 0.0f ? (m_run[hh] + log2f(l_run[hh])) * kLn2 : kNegInf;
+    const float inv_l = row_out_scale(m_run[hh], l_run[hh]);
+    if (ct % 4 == 0) p.lse[t * hq + h] = row_lse(m_run[hh], log2f(l_run[hh])) * kLn2;
     T* out = p.out + (t * hq + h) * D;
     CUTE_UNROLL
     for (int c = 0; c < size<1>(O); c += 2) {
       cutlass::Array<T, 2> pair;
-      pair[0] = T(O(hh, c) * inv_l);
-      pair[1] = T(O(hh, c + 1) * inv_l);
+      pair[0] = T(row_out(O(hh, c), inv_l));
+      pair[1] = T(row_out(O(hh, c + 1), inv_l));
       *reinterpret_cast<cutlass::Array<T, 2>*>(out + get<1>(cO_rc(hh, c))) = pair;
     }
   }

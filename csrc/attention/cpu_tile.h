@@ -197,11 +197,16 @@ LLADA_CPU_INLINE float exp_row(float* s, int64_t n, float shift) {
   return sum;
 }
 
+// The max of s[0, n), NaN when one of them is NaN (attention/softmax_rule.h).
 LLADA_CPU_INLINE float max_row(const float* s, int64_t n) {
   float m = kNegInf;
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) m = s[j] > m ? s[j] : m;
-  return m;
+  int nan = 0;
+#pragma omp simd reduction(max : m) reduction(| : nan)
+  for (int64_t j = 0; j < n; ++j) {
+    m = s[j] > m ? s[j] : m;
+    nan |= s[j] != s[j];
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : m;
 }
 
 }  // namespace cpu

@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "attention/block_mask.h"
+#include "attention/softmax_rule.h"
 #include "common/host_device.h"
 
 namespace llada {
@@ -34,11 +35,12 @@ LLADA_HD RowRange split_keys(RowRange keys, int split) {
   return begin < end ? RowRange{begin, end} : RowRange{begin, begin};
 }
 
-// The log-sum-exp of `n` partial log-sum-exps (stride apart); -inf when every run saw nothing.
+// The log-sum-exp of `n` partial log-sum-exps (stride apart); -inf when every run saw nothing, NaN or +inf
+// when a run's is (attention/softmax_rule.h: then merge_weight makes the merged output NaN).
 LLADA_HD float merged_lse(const float* lse, int n, int64_t stride) {
   float top = -INFINITY;
-  for (int s = 0; s < n; ++s) top = fmaxf(top, lse[s * stride]);
-  if (top == -INFINITY) return -INFINITY;
+  for (int s = 0; s < n; ++s) top = max_nan(top, lse[s * stride]);
+  if (top == -INFINITY || top == INFINITY) return top;
   float sum = 0.0f;
   for (int s = 0; s < n; ++s) sum += expf(lse[s * stride] - top);
   return top + logf(sum);

@@ -60,25 +60,14 @@ __global__ void route_kernel(MoeRouteParams p) {
   int32_t* picked = reinterpret_cast<int32_t*>(group_score + p.n_group);  // [k]
   bool* kept = reinterpret_cast<bool*>(picked + p.top_k);                // [n_group]
   const T* logits = static_cast<const T*>(p.logits) + t * E;  // [E]
-  bool nan = false;
   for (int64_t e = lane; e < E; e += 32) {
-    const float x = to_float(logits[e]);
-    const float s = route_sigmoid(x);
+    const float s = route_sigmoid(to_float(logits[e]));
     scores[e] = s;
     biased[e] = s + (p.expert_bias ? p.expert_bias[e] : 0.0f);
-    nan |= isnan(x) || isnan(biased[e]);
   }
-  nan = __any_sync(0xffffffffu, nan);
   __syncwarp();
   int32_t* ids = p.topk_ids + t * p.top_k;  // [k]
   float* weights = p.topk_weights + t * p.top_k;
-  if (nan) {  // a NaN logit: experts 0..k-1 with NaN weights, so that the NaN shows downstream
-    for (int64_t j = lane; j < p.top_k; j += 32) {
-      ids[j] = static_cast<int32_t>(j);
-      weights[j] = __int_as_float(0x7fc00000);
-    }
-    return;
-  }
   const int64_t group_size = E / p.n_group;
   for (int64_t g = 0; g < p.n_group; ++g) {
     Top2 top = top2_empty();

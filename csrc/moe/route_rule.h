@@ -5,6 +5,12 @@
 // are kept; the top_k best experts of the kept groups are chosen, listed by descending biased score.
 // Ties go to the lower group / expert index. Weights: the unbiased scores of the chosen experts,
 // divided by (their sum + 1e-20) when norm_topk_prob, times routed_scaling_factor.
+//
+// A NaN ranks above every number and ties with another NaN, as in the reference's torch.topk and stable
+// descending torch.sort: a NaN logit (or bias) makes its group's score NaN and ranks that group and that
+// expert first. The token's weights then hold NaN (all of them with norm_topk_prob, else the NaN expert's),
+// its ids stay valid experts, and no other token is touched: a NaN in one sequence of a batch shows in
+// that sequence's rows only.
 #pragma once
 
 #include <cmath>
@@ -22,6 +28,12 @@ LLADA_HD float route_sigmoid(float x) {
 #endif
 }
 
+// a ranks above b in the order of the rule: descending, NaN first.
+LLADA_HD bool ranks_above(float a, float b) { return a != a ? b == b : a > b; }
+
+// a and b rank equal: equal numbers, or both NaN.
+LLADA_HD bool ranks_equal(float a, float b) { return a == b || (a != a && b != b); }
+
 // The rule is built from pieces that merge in any order, so that a CUDA warp can split a token's experts
 // over its lanes and reduce with shuffles to exactly what the serial loop gives.
 
@@ -35,10 +47,10 @@ struct Top2 {
 LLADA_HD Top2 top2_empty() { return Top2{-INFINITY, -INFINITY, 0}; }
 
 LLADA_HD Top2 top2_push(Top2 t, float x) {
-  if (t.count == 0 || x > t.first) {
+  if (t.count == 0 || ranks_above(x, t.first)) {
     t.second = t.first;
     t.first = x;
-  } else if (x > t.second) {
+  } else if (t.count == 1 || ranks_above(x, t.second)) {
     t.second = x;
   }
   t.count = t.count < 2 ? t.count + 1 : 2;
@@ -60,12 +72,13 @@ LLADA_HD void keep_groups(const float* group_score, int64_t n_group, int64_t top
   for (int64_t j = 0; j < topk_group; ++j) {
     int64_t best = -1;
     for (int64_t g = 0; g < n_group; ++g)
-      if (!kept_group[g] && (best < 0 || group_score[g] > group_score[best])) best = g;
+      if (!kept_group[g] && (best < 0 || ranks_above(group_score[g], group_score[best]))) best = g;
     kept_group[best] = true;
   }
 }
 
-// An expert with its biased score; index -1 is no expert. Order: descending score, then ascending index.
+// An expert with its biased score; index -1 is no expert. Order: descending score (NaN first), then
+// ascending index.
 struct Pick {
   float score;
   int64_t index;
@@ -76,7 +89,7 @@ LLADA_HD Pick pick_none() { return Pick{0.0f, -1}; }
 LLADA_HD bool pick_better(Pick a, Pick b) {
   if (a.index < 0) return false;
   if (b.index < 0) return true;
-  return a.score > b.score || (a.score == b.score && a.index < b.index);
+  return ranks_above(a.score, b.score) || (ranks_equal(a.score, b.score) && a.index < b.index);
 }
 
 // The best expert among e = first, first + stride, ... < E in kept groups that ranks after `prev`.
@@ -100,7 +113,7 @@ LLADA_HD void route_weights(const float* scores, const int32_t* ids, int64_t top
   for (int64_t j = 0; j < top_k; ++j) weights[j] = (norm ? scores[ids[j]] / (sum + 1e-20f) : scores[ids[j]]) * scale;
 }
 
-// The serial rule. scores [E] unbiased, biased [E] = scores + bias (no NaN); kept_group, group_score
+// The serial rule. scores [E] unbiased, biased [E] = scores + bias (NaN allowed); kept_group, group_score
 // [n_group] scratch; ids, weights [k] out.
 LLADA_HD void route_token(const float* scores, const float* biased, int64_t E, int64_t n_group,
                           int64_t topk_group, int64_t top_k, float scale, bool norm, bool* kept_group,

@@ -11,6 +11,13 @@ block-diffusion training.
 Packed layout (T tokens, S sequences): q [Tq, Hq, D], k and v [Tk, Hkv, D], cu_seqlens_q/k int32 [S + 1];
 each sequence is one document and nothing attends across documents; Hq is a multiple of Hkv (GQA).
 lse is fp32 [Tq, Hq]. A query that sees no key gets out = 0 and lse = -inf.
+Non-finite inputs propagate as in softmax and logsumexp over the scores of the keys the mask keeps (a masked
+key contributes nothing, whatever its values): a query with a NaN score gets out NaN and lse NaN; else one
+with a +inf score gets out NaN and lse +inf; a score of -inf weighs 0, so a query whose every kept score is
+-inf sees no key (out 0, lse -inf). A NaN or inf in v makes NaN or inf the out of the queries that weigh it,
+and possibly of other queries of its document (0 * inf in the products); never of another document. The
+gradients follow: a query with a NaN or inf lse gets NaN in dq and in the dk, dv of the keys it sees; the
+other gradients of its document may be NaN too (0 * NaN in the products), those of other documents are not.
 Masks (pos = position in its sequence, blk(p) = p // block_size):
   block_causal  queries bottom-right aligned (q_pos = i + len_k - len_q); k visible iff blk(k_pos) <= blk(q_pos).
   bd3           each sequence is [x_t | x_0] of n + n tokens, blocks counted within each half: a noisy query
@@ -50,12 +57,17 @@ import torch
 import torch.nn.functional as F
 
 from .._extension import kernels_available, require_kernels
+from .checks import check_dims, check_same_device, check_tensors
 
 MASKS = ("block_causal", "bd3")
 
 
 def _softmax_scale(softmax_scale: Optional[float], q: torch.Tensor) -> float:
-    return float(softmax_scale) if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(q.shape[-1])
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"block_attention: softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    return float(softmax_scale)
 
 
 def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -66,6 +78,7 @@ def block_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     `kernel` picks the CUDA kernels: "auto", "flash2" or "hopper" (the CPU takes "auto" only); None means
     $LLADA_ATTENTION_KERNEL on CUDA when set, else "auto"."""
     require_kernels("block_attention")
+    check_tensors("block_attention", q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
     if kernel is None:
         kernel = os.environ.get("LLADA_ATTENTION_KERNEL", "auto") if q.is_cuda else "auto"
     out, lse = torch.ops.llada.block_attention_fwd(
@@ -81,6 +94,8 @@ def block_attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """The current block against a contiguous cache, or a paged one with block_table (see the module doc):
     out [B, Lb, Hq, D] (and lse [B, Lb, Hq])."""
     require_kernels("block_attention_decode")
+    check_tensors("block_attention_decode", q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens,
+                  k_new=k_new, v_new=v_new, **({} if block_table is None else dict(block_table=block_table)))
     out, lse = torch.ops.llada.block_attention_decode(
         q, k_cache, v_cache, cache_seqlens, k_new, v_new, softmax_scale=_softmax_scale(softmax_scale, q),
         block_table=block_table)
@@ -113,15 +128,27 @@ def _attend_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch
     group = q.shape[0] // k.shape[0]
     k = k.repeat_interleave(group, 0)
     v = v.repeat_interleave(group, 0)
-    seen = keep.any(-1)                                             # [Lq]
-    # Rows that see no key attend to everything inside SDPA (no NaN) and are zeroed after.
-    # 4-D inputs: the CPU's fused SDPA kernel takes [B, H, L, D] only (3-D would fall back to the math path).
-    out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=keep | ~seen[:, None], scale=scale)[0]
-    out = torch.where(seen[None, :, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scores = None
+    if not (torch.isfinite(q).all() and torch.isfinite(k).all()):
+        # SDPA adds its mask to the scores, so a NaN or inf score of a masked key would reach the row: mask by
+        # replacing instead, and count a row as seeing a key when one of its kept scores is above -inf (or NaN).
+        scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale  # [Hq, Lq, Lk]
+        masked = scores.masked_fill(~keep, float("-inf"))
+        seen = ((masked > float("-inf")) | masked.isnan()).any(-1)   # [Hq, Lq]
+        out = (torch.softmax(masked, -1) @ v.to(acc)).to(v.dtype)
+        out = torch.where(seen[:, :, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+    else:
+        seen = keep.any(-1)                                         # [Lq]
+        # Rows that see no key attend to everything inside SDPA (no NaN) and are zeroed after.
+        # 4-D inputs: the CPU's fused SDPA kernel takes [B, H, L, D] only (3-D would fall back to the math path).
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=keep | ~seen[:, None],
+                                             scale=scale)[0]
+        out = torch.where(seen[None, :, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
     lse = None
     if return_lse:
-        acc = torch.promote_types(q.dtype, torch.float32)
-        scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale  # [Hq, Lq, Lk]
+        if scores is None:
+            scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale  # [Hq, Lq, Lk]
         lse = torch.logsumexp(scores.masked_fill(~keep, float("-inf")), -1).transpose(0, 1)
     return out.transpose(0, 1), lse
 
@@ -188,16 +215,35 @@ if kernels_available():
     @torch.library.register_fake("llada::block_attention_fwd")
     def _block_attention_fwd_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, block_size,
                                   mask, softmax_scale, kernel="auto"):
+        check_dims("block_attention", q=(q, "[Tq, Hq, D]"), k=(k, "[Tk, Hkv, D]"), v=(v, "[Tk, Hkv, D]"),
+                   cu_seqlens_q=(cu_seqlens_q, "[S + 1]"), cu_seqlens_k=(cu_seqlens_k, "[S + 1]"))
+        check_same_device("block_attention", q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
         return (q.new_empty(q.shape), q.new_empty(q.shape[:2], dtype=torch.float32))
 
     @torch.library.register_fake("llada::block_attention_bwd")
     def _block_attention_bwd_fake(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
                                   max_seqlen_k, *, block_size, mask, softmax_scale, kernel="auto"):
+        check_dims("block_attention_bwd", dout=(dout, "[Tq, Hq, D]"), q=(q, "[Tq, Hq, D]"), k=(k, "[Tk, Hkv, D]"),
+                   v=(v, "[Tk, Hkv, D]"), out=(out, "[Tq, Hq, D]"), lse=(lse, "[Tq, Hq]"),
+                   cu_seqlens_q=(cu_seqlens_q, "[S + 1]"), cu_seqlens_k=(cu_seqlens_k, "[S + 1]"))
+        check_same_device("block_attention_bwd", q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                          dout=dout, out=out, lse=lse, dlse=dlse)
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     @torch.library.register_fake("llada::block_attention_decode")
     def _block_attention_decode_fake(q, k_cache, v_cache, cache_seqlens, k_new, v_new, *, softmax_scale,
                                      block_table=None):
+        op = "block_attention_decode"
+        cache = "[num_pages, page_size, Hkv, D]" if block_table is not None else "[B, Smax, Hkv, D]"
+        check_dims(op, q=(q, "[B, Lb, Hq, D]"), k_cache=(k_cache, cache), v_cache=(v_cache, cache),
+                   cache_seqlens=(cache_seqlens, "[B]"), k_new=(k_new, "[B, Lb, Hkv, D]"),
+                   v_new=(v_new, "[B, Lb, Hkv, D]"))
+        check_same_device(op, q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new)
+        if block_table is not None:
+            check_dims(op, block_table=(block_table, "[B, max_pages]"))
+        for name, t in (("cache_seqlens", cache_seqlens), ("block_table", block_table)):
+            if t is not None and t.device.type != "cpu":   # (either may also be on the CPU)
+                check_same_device(op, q=q, **{name: t})
         return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
     def _setup_context(ctx, inputs, keyword_only_inputs, output):

@@ -14,6 +14,10 @@ only; a group's score is the sum of its top-2 biased scores; the `topk_group` be
 kept and the `top_k` best experts among them chosen. Ties go to the lower group / expert index, and the
 k experts of a token are listed by descending biased score. Weights are the unbiased scores of the chosen
 experts, divided by (their sum + 1e-20) when norm_topk_prob, times routed_scaling_factor.
+NaN is not an error (a NaN in one sequence of a batch must fail that sequence only): as in the reference's
+torch.topk and stable torch.sort, a NaN logit ranks above every number, so its group and expert come first;
+the token's weights then hold NaN (all of them with norm_topk_prob, else the NaN expert's) while its ids stay
+valid experts, and the NaN reaches that token's rows of moe_experts and no other.
 Permutation: rows grouped by expert, stable in the flattened (token, slot) index t * k + s;
 x_sorted[inverse[t * k + s]] = x[t], and expert e owns rows offsets[e]:offsets[e + 1].
 moe_grouped_gemm, moe_unpermute and moe_experts are differentiable in their activations, weights and
@@ -37,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from .._extension import kernels_available, require_kernels
+from .checks import check_dims, check_int32_range, check_int_values, check_same_device, check_tensors
 
 
 def moe_route(router_logits: torch.Tensor, expert_bias: torch.Tensor, *, top_k: int, n_group: int,
@@ -44,6 +49,7 @@ def moe_route(router_logits: torch.Tensor, expert_bias: torch.Tensor, *, top_k: 
               norm_topk_prob: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen experts int32 [T, k] and their weights fp32 [T, k] (see the module doc)."""
     require_kernels("moe_route")
+    check_tensors("moe_route", router_logits=router_logits)
     return torch.ops.llada.moe_route(router_logits, expert_bias, top_k=top_k, n_group=n_group,
                                      topk_group=topk_group, routed_scaling_factor=routed_scaling_factor,
                                      norm_topk_prob=norm_topk_prob)
@@ -53,19 +59,22 @@ def moe_permute(x: torch.Tensor, topk_ids: torch.Tensor,
                 num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rows of x [T, H] in expert order: (x_sorted [T*k, H], offsets int32 [E+1], inverse int32 [T*k])."""
     require_kernels("moe_permute")
-    return torch.ops.llada.moe_permute(x, _int32_ids(topk_ids), num_experts)
+    check_tensors("moe_permute", x=x, topk_ids=topk_ids)
+    return torch.ops.llada.moe_permute(x, _int32_ids(topk_ids, num_experts), num_experts)
 
 
 def moe_grouped_gemm(a: torch.Tensor, b: torch.Tensor, offsets: torch.Tensor, *,
                      batch_invariant: bool = True) -> torch.Tensor:
     """[M, N]: rows offsets[g]:offsets[g+1] of a [M, K] times b[g]^T, b [E, N, K]."""
     require_kernels("moe_grouped_gemm")
+    check_tensors("moe_grouped_gemm", a=a, b=b, offsets=offsets)
     return torch.ops.llada.moe_grouped_gemm(a, b, offsets, batch_invariant=batch_invariant)
 
 
 def moe_unpermute(y: torch.Tensor, inverse: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
     """[T, H]: out[t] = sum_s topk_weights[t, s] * y[inverse[t * k + s]], accumulated in fp32."""
     require_kernels("moe_unpermute")
+    check_tensors("moe_unpermute", y=y, inverse=inverse, topk_weights=topk_weights)
     return torch.ops.llada.moe_unpermute(y, inverse, topk_weights)
 
 
@@ -73,6 +82,7 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
                 w2: torch.Tensor, *, batch_invariant: bool = True) -> torch.Tensor:
     """The routed experts of a MoE layer, [T, H]: permute, x @ w13^T, SiLU(gate) * up, @ w2^T, unpermute."""
     num_experts, intermediate = _check_expert_weights(x, w13, w2)
+    _check_routing(x, topk_ids, topk_weights)
     x_sorted, offsets, inverse = moe_permute(x, topk_ids, num_experts)
     h = moe_grouped_gemm(x_sorted, w13, offsets, batch_invariant=batch_invariant)   # [T*k, 2I]
     act = F.silu(h[:, :intermediate]) * h[:, intermediate:]             # [T*k, I]
@@ -80,20 +90,58 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     return moe_unpermute(y, inverse, topk_weights)
 
 
-def _int32_ids(topk_ids: torch.Tensor) -> torch.Tensor:
-    return topk_ids.int() if topk_ids.dtype == torch.int64 else topk_ids
+def _int32_ids(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 expert ids as the int32 ids the kernels take, never wrapped: on the CPU an id outside
+    [0, num_experts) is an error, as it is in int32; on CUDA, where ids are not read on the host, it becomes
+    -1, which (like every id outside [0, num_experts) there) is counted nowhere."""
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int):
+        raise TypeError(f"moe_permute: num_experts must be an int, got {type(num_experts).__name__}")
+    if num_experts < 1:
+        raise ValueError(f"moe_permute: num_experts must be >= 1, got {num_experts}")
+    if not isinstance(topk_ids, torch.Tensor) or topk_ids.dtype != torch.int64:
+        return topk_ids
+    if topk_ids.device.type == "cpu":
+        check_int_values("moe_permute", "topk_ids", topk_ids, 0, num_experts - 1,
+                         f"[0, num_experts) = [0, {num_experts})")
+        return topk_ids.int()
+    return torch.where((topk_ids >= 0) & (topk_ids < num_experts), topk_ids, -1).int()
 
 
 def _check_expert_weights(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> tuple[int, int]:
+    for name, t in (("x", x), ("w13", w13), ("w2", w2)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"moe_experts: {name} must be a tensor, got {type(t).__name__}")
     if x.dim() != 2:
         raise ValueError(f"moe_experts: x must be [T, H], got shape {list(x.shape)}")
     H = x.shape[1]
-    if w13.dim() != 3 or w13.shape[2] != H or w13.shape[1] % 2:
-        raise ValueError(f"moe_experts: w13 must be [E, 2I, H] with H = {H}, got shape {list(w13.shape)}")
+    if w13.dim() != 3 or w13.shape[0] < 1 or w13.shape[2] != H or w13.shape[1] % 2:
+        raise ValueError(f"moe_experts: w13 must be [E, 2I, H] with E >= 1 and H = {H}, got shape "
+                         f"{list(w13.shape)}")
     E, I = w13.shape[0], w13.shape[1] // 2
     if w2.shape != (E, H, I):
         raise ValueError(f"moe_experts: w2 must be [E, H, I] = [{E}, {H}, {I}], got shape {list(w2.shape)}")
+    check_same_device("moe_experts", x=x, w13=w13, w2=w2)
+    for name, w in (("w13", w13), ("w2", w2)):
+        if w.dtype != x.dtype:
+            raise TypeError(f"moe_experts: {name} must have the dtype of x ({x.dtype}), got {w.dtype}")
     return E, I
+
+
+def _check_routing(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
+    for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"moe_experts: {name} must be a tensor, got {type(t).__name__}")
+        if t.dim() != 2 or t.shape[0] != x.shape[0] or t.shape[1] < 1:
+            raise ValueError(f"moe_experts: {name} must be [T, k] with T = {x.shape[0]} and k >= 1, got shape "
+                             f"{list(t.shape)}")
+    if topk_weights.shape != topk_ids.shape:
+        raise ValueError(f"moe_experts: topk_weights must have the shape of topk_ids {list(topk_ids.shape)}, got "
+                         f"{list(topk_weights.shape)}")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"moe_experts: topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    if topk_weights.dtype != torch.float32:
+        raise TypeError(f"moe_experts: topk_weights must be float32, got {topk_weights.dtype}")
+    check_same_device("moe_experts", x=x, topk_ids=topk_ids, topk_weights=topk_weights)
 
 
 # ---- references --------------------------------------------------------------------------------------
@@ -166,30 +214,48 @@ if kernels_available():
     @torch.library.register_fake("llada::moe_route")
     def _moe_route_fake(router_logits, expert_bias, *, top_k, n_group, topk_group, routed_scaling_factor,
                         norm_topk_prob=True):
+        check_dims("moe_route", router_logits=(router_logits, "[T, E]"))
+        check_same_device("moe_route", router_logits=router_logits, expert_bias=expert_bias)
+        if not 1 <= top_k <= router_logits.shape[1]:
+            raise ValueError(f"moe_route: top_k must be in [1, E] = [1, {router_logits.shape[1]}], got {top_k}")
         T = router_logits.shape[0]
         return (router_logits.new_empty((T, top_k), dtype=torch.int32),
                 router_logits.new_empty((T, top_k), dtype=torch.float32))
 
     @torch.library.register_fake("llada::moe_permute")
     def _moe_permute_fake(x, topk_ids, num_experts):
+        check_dims("moe_permute", x=(x, "[T, H]"), topk_ids=(topk_ids, "[T, k]"))
+        check_same_device("moe_permute", x=x, topk_ids=topk_ids)
+        check_int32_range("moe_permute", "num_experts", num_experts, 1)
         rows = topk_ids.shape[0] * topk_ids.shape[1]
         return (x.new_empty((rows, x.shape[1])), topk_ids.new_empty((num_experts + 1,)),
                 topk_ids.new_empty((rows,)))
 
     @torch.library.register_fake("llada::moe_unpermute")
     def _moe_unpermute_fake(y, inverse, topk_weights):
+        check_dims("moe_unpermute", y=(y, "[T * k, H]"), inverse=(inverse, "[T * k]"),
+                   topk_weights=(topk_weights, "[T, k]"))
+        check_same_device("moe_unpermute", y=y, inverse=inverse, topk_weights=topk_weights)
         return y.new_empty((topk_weights.shape[0], y.shape[1]))
 
     @torch.library.register_fake("llada::moe_unpermute_backward")
     def _moe_unpermute_backward_fake(grad_out, y, inverse, topk_weights):
+        check_dims("moe_unpermute_backward", grad_out=(grad_out, "[T, H]"), y=(y, "[T * k, H]"),
+                   inverse=(inverse, "[T * k]"), topk_weights=(topk_weights, "[T, k]"))
+        check_same_device("moe_unpermute_backward", y=y, inverse=inverse, topk_weights=topk_weights, grad_out=grad_out)
         return torch.empty_like(y, memory_format=torch.contiguous_format), torch.empty_like(topk_weights)
 
     @torch.library.register_fake("llada::moe_grouped_gemm")
     def _moe_grouped_gemm_fake(a, b, offsets, *, batch_invariant=True):
+        check_dims("moe_grouped_gemm", a=(a, "[M, K]"), b=(b, "[E, N, K]"), offsets=(offsets, "[E + 1]"))
+        check_same_device("moe_grouped_gemm", a=a, b=b, offsets=offsets)
         return a.new_empty((a.shape[0], b.shape[1]))
 
     @torch.library.register_fake("llada::moe_grouped_gemm_wgrad")
     def _moe_grouped_gemm_wgrad_fake(grad_out, a, offsets):
+        check_dims("moe_grouped_gemm_wgrad", grad_out=(grad_out, "[M, N]"), a=(a, "[M, K]"),
+                   offsets=(offsets, "[E + 1]"))
+        check_same_device("moe_grouped_gemm_wgrad", a=a, grad_out=grad_out, offsets=offsets)
         return a.new_empty((offsets.shape[0] - 1, grad_out.shape[1], a.shape[1]))
 
     def _permute_setup(ctx, inputs, output):

@@ -473,6 +473,9 @@ def _bad(change):
     (dict(mask="causal"), 'mask must be "block_causal" or "bd3"'),
     (dict(max_seqlen_q=5), r"max_seqlen_q \(5\) is below the longest query sequence"),
     (dict(softmax_scale=float("nan")), "softmax_scale must be finite"),
+    (dict(softmax_scale=1e39), r"softmax_scale must be finite in float32 \(\|softmax_scale\| < 3.4e38\), got 1e\+39"),
+    (dict(max_seqlen_q=2**40), r"max_seqlen_q must be in \[0, 2\^31 - 1\], got 1099511627776"),
+    (dict(cu_seqlens_k=lambda c: c.to("meta")), "cu_seqlens_k is on meta but q is on cpu"),
     (dict(kernel="hopper"), 'kernel "hopper" names a CUDA kernel, but q is on the CPU'),
     (dict(kernel="fast"), 'kernel must be "auto", "flash2" or "hopper"'),
 ])

@@ -168,6 +168,44 @@ def test_nan_raises(device, V):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_non_finite_logits_are_named(device):
+    tokens, logits, mask_id = make_block(2, 8, 100, device=device, seed=7)
+    kw = dict(mask_id=mask_id, threshold=0.5, min_commit=1)
+    row_inf = logits.clone()
+    row_inf[1, 3, 5] = float("inf")
+    all_minus_inf = logits.clone()
+    all_minus_inf[0, 2] = float("-inf")
+    cases = [(row_inf, {}, r"logits\[1, 3\] has no finite maximum"), (all_minus_inf, {}, r"logits\[0, 2\] has no finite"),
+             (logits, dict(temperature=1e-45, top_k=5), "temperature = 1e-45 is too small"),
+             (logits, dict(temperature=torch.tensor([0.5, 1e-45], device=device)), r"temperature\[1\] = 1.4\d*e-45 is too")]
+    for x, extra, match in cases:
+        for fn in (commit_tokens, commit_tokens_, commit_tokens_ref):
+            with pytest.raises(ValueError, match=match):
+                fn(tokens.clone(), x, **kw, **extra)
+
+
+def test_seeds_are_64_bit_words():
+    tokens, logits, mask_id = make_block(2, 8, 100, device="cpu", seed=3)
+    kw = dict(mask_id=mask_id, threshold=0.5, min_commit=1, temperature=1.0)
+    for seed, same in ((2**64 - 1, -1), (2**63, -2**63)):
+        result = commit_tokens(tokens, logits, seed=seed, offset=seed, **kw)
+        assert_same(result, commit_tokens(tokens, logits, seed=same, offset=same, **kw))
+        assert_same(result, commit_tokens_ref(tokens, logits, seed=seed, offset=seed, **kw))
+        word = torch.tensor([same])                    # the same word as an int64 tensor (B = 1: row = l either way)
+        one = commit_tokens(tokens[:1], logits[:1], seed=seed, offset=seed, **kw)
+        assert_same(one, commit_tokens(tokens[:1], logits[:1], seed=word, offset=word, **kw))
+        assert_same(one, commit_tokens_ref(tokens[:1], logits[:1], seed=word, offset=word, **kw))
+
+
+def test_int64_min_commit_is_taken_as_is():
+    tokens, logits, mask_id = make_block(2, 8, 100, device="cpu", seed=4)
+    kw = dict(mask_id=mask_id, threshold=1.0)
+    wide = torch.tensor([2**31 - 1, 3])
+    assert_same(commit_tokens(tokens, logits, min_commit=wide, **kw), commit_tokens_ref(tokens, logits, min_commit=wide, **kw))
+    assert commit_tokens(tokens, logits, min_commit=wide, **kw).committed[0].sum() == (tokens[0] == mask_id).sum()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("V", [100, 40009])
 def test_negative_infinity_logits_are_fine(device, V):
     tokens, logits, mask_id = make_block(2, 8, V, device=device, seed=8)
@@ -189,9 +227,25 @@ def test_negative_infinity_logits_are_fine(device, V):
     (dict(top_p=1.2), r"top_p must be in \(0, 1\]"),
     (dict(top_k=-1), "top_k must be >= 0"),
     (dict(temperature=-0.5), "temperature must be finite and >= 0"),
-    (dict(min_commit=-1), "min_commit must be >= 0"),
+    (dict(temperature=float("nan")), "temperature must be finite and >= 0"),
+    (dict(min_commit=-1), r"min_commit must be in \[0, 2\^31 - 1\], got -1"),
     (dict(min_commit=torch.ones(3, dtype=torch.int32)), r"min_commit must be an int or a tensor of shape \[B\]"),
     (dict(min_commit=1.5), "min_commit must be an int"),
+    (dict(min_commit=2**32 + 1), r"min_commit must be in \[0, 2\^31 - 1\], got 4294967297"),
+    (dict(min_commit=torch.tensor([1, 2**32 + 1])), r"min_commit\[1\] = 4294967297 is outside \[0, 2\^31 - 1\]"),
+    (dict(min_commit=torch.ones(2, dtype=torch.int32, device="meta")), "min_commit is on meta but tokens is on cpu"),
+    (dict(tokens=lambda t: t[0], min_commit=torch.ones(2, dtype=torch.int32)), r"tokens must be \[B, L\], got shape"),
+    (dict(tokens=lambda t: t.tolist()), "tokens must be an int64 tensor"),
+    (dict(temperature=1e-45), "temperature = 1e-45 is too small for these logits: logits / temperature overflows"),
+    (dict(temperature=1e-46), "temperature = 1e-46 is too small for these logits"),
+    (dict(temperature=1e39), r"temperature must be finite and >= 0 \(in float32\)"),
+    (dict(seed=2**64), r"seed must be in \[-2\^63, 2\^64\) \(a 64-bit Philox word\), got 18446744073709551616"),
+    (dict(seed=-2**63 - 1), r"seed must be in \[-2\^63, 2\^64\)"),
+    (dict(offset=2**70), r"offset must be in \[-2\^63, 2\^64\)"),
+    (dict(seed=1.5), r"seed must be an int or a tensor \[B\], got float"),
+    (dict(seed=torch.tensor([1.0, 2.0])), "seed must be an int or an integer tensor"),
+    (dict(temperature=torch.tensor([0.5, 1e-46], dtype=torch.float64)), r"temperature\[1\] = 1e-46 is too small"),
+    (dict(logits=lambda x: x.to("meta")), "logits is on meta but tokens is on cpu"),
 ])
 def test_bad_arguments_are_named(change, match):
     tokens, logits, mask_id = make_block(2, 8, 100, device="cpu", seed=9)

@@ -324,6 +324,73 @@ def test_experts_gradients_match_official_loop(cpu_gemm, device):
     assert (grads[2][unused] == 0).all() and (grads[3][unused] == 0).all()
 
 
+# ---- NaN: propagated per token as the reference does, never raised ---------------------------------
+
+NAN = float("nan")
+ROUTE_NAN_CASES = {  # name: (T, E, top_k, n_group, topk_group), [(token, expert) of the NaN logits], bias NaN
+    "one logit": ((6, 16, 4, 4, 2), [(2, 5)], []),
+    "a whole token": ((6, 16, 4, 4, 2), [(1, e) for e in range(16)], []),
+    "two in one group": ((6, 16, 4, 4, 2), [(3, 8), (3, 10)], []),
+    "in two groups, the later first": ((6, 16, 4, 4, 2), [(0, 13), (0, 2)], []),
+    "more NaN than top_k": ((5, 16, 2, 4, 2), [(4, e) for e in (1, 5, 9, 13)], []),
+    "one group of one expert each": ((5, 12, 3, 12, 5), [(0, 7), (2, 0), (2, 11)], []),
+    "a single group": ((9, 6, 6, 1, 1), [(8, 3)], []),
+    "one bias": ((6, 16, 4, 4, 2), [], [6]),
+    "bias and logits": ((6, 16, 4, 4, 2), [(5, 1)], [9]),
+    "wide, every token": ((3, 256, 8, 8, 4), [(0, 200), (1, 7), (1, 100), (2, 255)], []),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", sorted(ROUTE_NAN_CASES))
+@pytest.mark.parametrize("norm", [True, False])
+def test_route_nan_follows_the_reference(device, name, norm):
+    (T, E, top_k, n_group, topk_group), at, bias_at = ROUTE_NAN_CASES[name]
+    logits, bias = route_inputs(T, E, device=device, seed=T + E)
+    for t, e in at:
+        logits[t, e] = NAN
+    bias[bias_at] = NAN
+    kw = dict(top_k=top_k, n_group=n_group, topk_group=topk_group, routed_scaling_factor=2.5, norm_topk_prob=norm)
+    ids, weights = moe_route(logits, bias, **kw)
+    ref_ids, ref_weights = moe_route_ref(logits, bias, **kw)
+    assert torch.equal(ids, ref_ids), f"{name}: {ids.tolist()} != {ref_ids.tolist()}"
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-6, atol=1e-6, equal_nan=True)
+    nan_tokens = sorted({t for t, _ in at})
+    assert weights[nan_tokens].isnan().any(-1).all(), "a token with a NaN logit shows it in its weights"
+    clean = [t for t in range(T) if t not in nan_tokens]
+    assert weights[clean].isfinite().all(), "no other token is touched"
+    assert ((ids >= 0) & (ids < E)).all(), "ids stay valid experts"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_in_one_token_stays_in_its_row_of_the_experts(device, dtype):
+    """The MoE layer's ops on a batch where one token's hidden state is NaN: that token's output row is NaN,
+    every other row is what the batch without it gives (the model's one NaN sequence fails alone)."""
+    T, E, k, H, I = 9, 8, 2, 16, 8
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(T, H, generator=g).to(dtype).to(device)
+    router = (torch.randn(E, H, generator=g) / H**0.5).to(device)
+    w13 = (torch.randn(E, 2 * I, H, generator=g) / H**0.5).to(dtype).to(device)
+    w2 = (torch.randn(E, H, I, generator=g) / I**0.5).to(dtype).to(device)
+    bias = (torch.randn(E, generator=g) * 0.2).to(device)
+    kw = dict(top_k=k, n_group=4, topk_group=2, routed_scaling_factor=2.5)
+
+    def layer(x, route, experts):
+        ids, weights = route(x.float() @ router.t(), bias, **kw)
+        return experts(x, ids, weights, w13, w2)
+
+    poisoned = x.clone()
+    poisoned[4] = NAN
+    out = layer(poisoned, moe_route, moe_experts)
+    assert out[4].isnan().all()
+    rest = [t for t in range(T) if t != 4]
+    assert out[rest].isfinite().all()
+    torch.testing.assert_close(out[rest], layer(x, moe_route, moe_experts)[rest])
+    ref = layer(poisoned, moe_route_ref, moe_experts_ref)
+    assert torch.equal(out.isnan(), ref.isnan())
+
+
 # ---- bad input --------------------------------------------------------------------------------------
 
 def test_route_rejects_bad_configuration():
@@ -343,9 +410,8 @@ def test_route_rejects_bad_configuration():
         moe_route(logits, bias.double(), **kw)
     with pytest.raises(TypeError, match="router_logits"):
         moe_route(logits.int(), bias, **kw)
-    logits[1, 3] = float("nan")
-    with pytest.raises(ValueError, match="NaN"):
-        moe_route(logits, bias, **kw)
+    with pytest.raises(ValueError, match=r"routed_scaling_factor must be finite in float32"):
+        moe_route(logits, bias, **dict(kw, routed_scaling_factor=1e39))
 
 
 def test_permute_and_unpermute_reject_bad_input():
@@ -360,6 +426,16 @@ def test_permute_and_unpermute_reject_bad_input():
         moe_permute(x, ids[:3], 4)
     with pytest.raises(TypeError, match="topk_ids"):
         torch.ops.llada.moe_permute(x, ids.float(), 4)
+    with pytest.raises(ValueError, match=r"topk_ids must lie in \[0, num_experts = 4\), got topk_ids\[1, 0\] = 7"):
+        torch.ops.llada.moe_permute(x, torch.tensor([[0, 1], [7, 2], [0, 0], [1, 1], [2, 2]], dtype=torch.int32), 4)
+    wide = ids.long()
+    wide[3, 1] = 2**32 + 1  # would wrap to expert 1
+    with pytest.raises(ValueError, match=r"topk_ids\[3, 1\] = 4294967297 is outside \[0, num_experts\) = \[0, 4\)"):
+        moe_permute(x, wide, 4)
+    with pytest.raises(ValueError, match=r"num_experts must be in \[1, 2\^31 - 1\], got 4294967297"):
+        torch.ops.llada.moe_permute(x, ids, 2**32 + 1)
+    with pytest.raises(TypeError, match="num_experts must be an int"):
+        moe_permute(x, ids.long(), 4.0)
     _, _, inverse = moe_permute(x, ids, 4)
     y, w = torch.randn(10, 4), torch.rand(5, 2)
     with pytest.raises(ValueError, match="inverse"):
@@ -403,6 +479,24 @@ def test_experts_rejects_bad_weights():
         moe_experts(x, ids, weights, w13[:, :15], w2)
     with pytest.raises(ValueError, match="w2"):
         moe_experts(x, ids, weights, w13, w2[:, :, :7])
+    with pytest.raises(TypeError, match=r"moe_experts: w13 must have the dtype of x \(torch.bfloat16\), got torch.float32"):
+        moe_experts(x.bfloat16(), ids, weights, w13, w2)
+    with pytest.raises(TypeError, match=r"moe_experts: w2 must have the dtype of x"):
+        moe_experts(x, ids, weights, w13, w2.bfloat16())
+    with pytest.raises(TypeError, match=r"moe_experts: topk_weights must be float32"):
+        moe_experts(x, ids, weights.bfloat16(), w13, w2)
+    with pytest.raises(ValueError, match=r"moe_experts: topk_ids must be \[T, k\] with T = 4"):
+        moe_experts(x, ids[:3], weights, w13, w2)
+    with pytest.raises(ValueError, match=r"moe_experts: topk_weights must have the shape of topk_ids"):
+        moe_experts(x, ids, weights[:, :1], w13, w2)
+
+
+@pytest.mark.gpu
+def test_int64_ids_outside_the_experts_count_nowhere_on_cuda():
+    x = torch.randn(3, 8, device="cuda")
+    ids = torch.tensor([[0, 1], [2**32 + 1, 1], [1, -5]], device="cuda")
+    _, offsets, _ = moe_permute(x, ids, 2)
+    assert offsets.tolist() == [0, 1, 4]
 
 
 def opcheck_samples(device):

@@ -129,8 +129,9 @@ struct GroupedGemmWgradParams {
 };
 
 // C++ CPU kernels (OpenMP). kBadArgument: sizes outside the documented domain, an index out of
-// range or offsets that are not monotonic from 0 to M (outputs then unspecified); kNanInput: a NaN
-// router logit. Supported dtypes: fp32 and bf16 (route also reads fp16 logits; the grouped GEMMs take fp16).
+// range or offsets that are not monotonic from 0 to M (outputs then unspecified). A NaN router logit
+// ranks its expert first and makes its token's weights NaN (moe/route_rule.h). Supported dtypes: fp32 and
+// bf16 (route also reads fp16 logits; the grouped GEMMs take fp16).
 Status moe_route_cpu(const MoeRouteParams& p);
 Status moe_permute_cpu(const MoePermuteParams& p);
 Status moe_unpermute_cpu(const MoeUnpermuteParams& p);
@@ -142,7 +143,7 @@ Status moe_grouped_gemm_wgrad_cpu(const GroupedGemmWgradParams& p);
 // CUDA kernels, asynchronous on `stream`, no host synchronisation (scratch memory is stream-ordered,
 // cudaMallocAsync). Route/permute/unpermute take fp32, bf16 and fp16. Ids outside [0, E) cannot be
 // reported without a sync: they are counted nowhere, get inverse = -1 and contribute nothing to
-// unpermute. A token with a NaN logit gets experts 0..k-1 with NaN weights.
+// unpermute. Routing follows the CPU kernel's rule, NaN included.
 // The grouped GEMMs take bf16 with K and N multiples of 8 (16-byte rows), fp32 accumulation:
 // CUTLASS 3.x pointer-array TMA kernels on sm_90, CUTLASS 2.x GemmGrouped on sm_80..sm_89; and fp32
 // of any size (CUTLASS 2.x SIMT kernels, sm_80 and sm_90).
