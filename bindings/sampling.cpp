@@ -99,6 +99,28 @@ llada::CommitTokensParams make_params(const Tensor& tokens, const Tensor& logits
   return p;
 }
 
+// Runs the commit kernel of the tokens' device on filled-in Params (the CUDA one asynchronously).
+llada::Status run_commit(llada::CommitTokensParams& p, const Tensor& tokens, const Tensor& min_commit) {
+  if (tokens.is_cpu()) {
+    if (p.batch > 0) {
+      const int32_t min_value = min_commit.min().item<int32_t>();
+      TORCH_CHECK_VALUE(min_value >= 0, "commit_tokens: min_commit must be >= 0, got ", min_value);
+    }
+    return llada::commit_tokens_cpu(p);
+  }
+#ifdef LLADA_WITH_CUDA
+  TORCH_CHECK_VALUE(p.vocab < (int64_t{1} << 24), "commit_tokens: logits vocabulary must be below 2^24 on CUDA, got ",
+                    p.vocab);
+  const c10::cuda::CUDAGuard guard(tokens.device());
+  const Tensor workspace =
+      at::empty({llada::commit_tokens_cuda_workspace_bytes(p)}, tokens.options().dtype(at::kByte));
+  p.workspace = workspace.numel() > 0 ? workspace.data_ptr() : nullptr;
+  return llada::commit_tokens_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
+#else
+  TORCH_CHECK(false, "commit_tokens: llada_engine was built without CUDA kernels");
+#endif
+}
+
 std::tuple<Tensor, Tensor, Tensor> commit_tokens_inplace(Tensor tokens, const Tensor& logits,
                                                          const Tensor& min_commit, int64_t mask_id,
                                                          double threshold, double temperature, int64_t top_k,
@@ -112,28 +134,9 @@ std::tuple<Tensor, Tensor, Tensor> commit_tokens_inplace(Tensor tokens, const Te
   p.confidence = confidence.data_ptr<float>();
   p.candidates = candidates.data_ptr<int64_t>();
 
-  if (tokens.is_cpu()) {
-    if (p.batch > 0) {
-      const int32_t min_value = min_commit.min().item<int32_t>();
-      TORCH_CHECK_VALUE(min_value >= 0, "commit_tokens: min_commit must be >= 0, got ", min_value);
-    }
-    const llada::Status s = llada::commit_tokens_cpu(p);
-    if (s == llada::Status::kNanInput) raise_non_finite(logits, temperature);
-    TORCH_CHECK(s == llada::Status::kOk, "commit_tokens: ", llada::status_string(s));
-  } else {
-#ifdef LLADA_WITH_CUDA
-    TORCH_CHECK_VALUE(p.vocab < (int64_t{1} << 24), "commit_tokens: logits vocabulary must be below 2^24 on CUDA, got ",
-                      p.vocab);
-    const c10::cuda::CUDAGuard guard(tokens.device());
-    const Tensor workspace =
-        at::empty({llada::commit_tokens_cuda_workspace_bytes(p)}, tokens.options().dtype(at::kByte));
-    p.workspace = workspace.numel() > 0 ? workspace.data_ptr() : nullptr;
-    const llada::Status s = llada::commit_tokens_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(s == llada::Status::kOk, "commit_tokens: ", llada::status_string(s));
-#else
-    TORCH_CHECK(false, "commit_tokens: llada_engine was built without CUDA kernels");
-#endif
-  }
+  const llada::Status s = run_commit(p, tokens, min_commit);
+  if (s == llada::Status::kNanInput) raise_non_finite(logits, temperature);
+  TORCH_CHECK(s == llada::Status::kOk, "commit_tokens: ", llada::status_string(s));
   return {committed, confidence, candidates};
 }
 
@@ -228,27 +231,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> commit_tokens_per_seq_inplace(
   p.candidates = candidates.data_ptr<int64_t>();
   p.invalid = invalid.data_ptr<bool>();
 
-  if (tokens.is_cpu()) {
-    if (p.batch > 0) {
-      const int32_t min_value = min_commit.min().item<int32_t>();
-      TORCH_CHECK_VALUE(min_value >= 0, "commit_tokens: min_commit must be >= 0, got ", min_value);
-    }
-    const llada::Status s = llada::commit_tokens_cpu(p);
-    TORCH_CHECK(s == llada::Status::kOk, "commit_tokens: ", llada::status_string(s));
-  } else {
-#ifdef LLADA_WITH_CUDA
-    TORCH_CHECK_VALUE(p.vocab < (int64_t{1} << 24), "commit_tokens: logits vocabulary must be below 2^24 on CUDA, got ",
-                      p.vocab);
-    const c10::cuda::CUDAGuard guard(tokens.device());
-    const Tensor workspace =
-        at::empty({llada::commit_tokens_cuda_workspace_bytes(p)}, tokens.options().dtype(at::kByte));
-    p.workspace = workspace.numel() > 0 ? workspace.data_ptr() : nullptr;
-    const llada::Status s = llada::commit_tokens_cuda(p, c10::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(s == llada::Status::kOk, "commit_tokens: ", llada::status_string(s));
-#else
-    TORCH_CHECK(false, "commit_tokens: llada_engine was built without CUDA kernels");
-#endif
-  }
+  const llada::Status s = run_commit(p, tokens, min_commit);
+  TORCH_CHECK(s == llada::Status::kOk, "commit_tokens: ", llada::status_string(s));
   return {committed, confidence, candidates, invalid};
 }
 
